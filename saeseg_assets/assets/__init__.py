@@ -1,0 +1,1 @@
+"""The asset definitions, one module per stage."""

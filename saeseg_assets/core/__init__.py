@@ -1,0 +1,1 @@
+"""Pure Python/numpy/torch library of saeseg; nothing here imports dagster."""

@@ -1,0 +1,89 @@
+"""Checkpoint files: atomic writes of safetensors + JSON pairs, and safe reading of the reference `.pt` format.
+
+Nothing is ever loaded with unrestricted pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or of the wrong shape; the message names the file."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Path, Path]:
+    """Writes `<stem>.safetensors` and `<stem>.json` atomically (JSON last: its presence marks a complete pair)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    tmp = folder / f".{stem}.{os.getpid()}.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, weights)
+    write_atomic(config, json.dumps(meta, indent=2, sort_keys=True).encode())
+    return weights, config
+
+
+def load_tensors(folder_or_file: Path, stem: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a pair written by `save_tensors`; accepts the folder or either file of the pair."""
+    p = Path(folder_or_file)
+    folder = p if p.is_dir() else p.parent
+    weights, config = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    for f in (weights, config):
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing (a checkpoint is the pair {stem}.safetensors + {stem}.json)")
+    try:
+        meta = json.loads(config.read_text())
+        tensors = load_file(str(weights))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable {stem} checkpoint: {exc}") from exc
+    return tensors, meta
+
+
+def read_reference_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reads the original experiment's format: one JSON line (config), then a torch-saved state dict.
+
+    The state dict is loaded with torch's weights-only unpickler, which refuses anything but tensors and plain
+    containers, so a crafted file cannot run code. Returns (header, state dict).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_line = f.readline()
+            payload = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+    try:
+        header = json.loads(header_line)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the first line is not a JSON header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the JSON header is not an object")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused: the payload holds more than tensors (weights-only load: {exc})") from exc
+    except Exception as exc:  # torch raises several kinds for corrupt data
+        raise CheckpointError(f"{path}: not a torch-saved state dict after the header ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the payload is not a state dict of tensors")
+    # Newer files wrap the config: {"schema": ..., "cfg": {...}}.
+    config = header.get("cfg", header) if isinstance(header.get("cfg"), dict) else header
+    return config, state

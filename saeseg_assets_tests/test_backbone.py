@@ -99,15 +99,15 @@ def test_patch_activations_are_the_blocks_hidden_states_without_cls(embedded: Ba
         for i, block in enumerate(embedded.model.encoder.layer)
     ]
     try:
-        acts_BPD = embedded.patch_activations(pixels_BCHW, layer=-2)
+        embedded.patch_activations(pixels_BCHW, layer=-2)
     finally:
         for hook in hooks:
             hook.remove()
     assert calls == list(range(11))  # block 11 is never computed
-    assert acts_BPD.shape == (2, 256, 384) and acts_BPD.dtype == torch.float32
-    torch.testing.assert_close(acts_BPD, hidden_states[-2][:, 1:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(embedded.patch_activations(pixels_BCHW, layer=-1), hidden_states[-1][:, 1:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(embedded.patch_activations(pixels_BCHW, layer=0), hidden_states[1][:, 1:], rtol=0, atol=1e-5)
+    for layer, expected_BTD in [(-2, hidden_states[-2]), (-1, hidden_states[-1]), (0, hidden_states[1])]:
+        acts_BPD = embedded.patch_activations(pixels_BCHW, layer=layer)
+        assert acts_BPD.shape == (2, 256, 384) and acts_BPD.dtype == torch.float32
+        torch.testing.assert_close(acts_BPD, expected_BTD[:, 1:], rtol=0, atol=1e-5)
 
 
 def test_resolve_layer_counts_from_the_end_and_rejects_out_of_range(embedded: Backbone) -> None:
@@ -118,16 +118,16 @@ def test_resolve_layer_counts_from_the_end_and_rejects_out_of_range(embedded: Ba
 
 
 def _tiny_vision_config(config_class: type, **extra: int) -> transformers.PretrainedConfig:
-    return config_class(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        patch_size=14, image_size=28, **extra,
-    )
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=28)
+    return config_class(**sizes, **extra)
 
 
 def _tiny_full_clip() -> transformers.CLIPModel:
     config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
-        vision_config=dict(_tiny_vision_config(transformers.CLIPVisionConfig).to_dict()),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        ),
+        vision_config=dict(_tiny_vision_config(transformers.CLIPVisionConfig, intermediate_size=64).to_dict()),
         projection_dim=16,
     )
     return transformers.CLIPModel(config)
@@ -142,7 +142,11 @@ TINY_MODELS = {
         3,
         "dinov2_with_registers",
     ),
-    "clip_vision": (lambda: transformers.CLIPVisionModel(_tiny_vision_config(transformers.CLIPVisionConfig)), 1, "clip_vision_model"),
+    "clip_vision": (
+        lambda: transformers.CLIPVisionModel(_tiny_vision_config(transformers.CLIPVisionConfig, intermediate_size=64)),
+        1,
+        "clip_vision_model",
+    ),
     "clip_full": (_tiny_full_clip, 1, "clip_vision_model"),
 }
 
@@ -193,7 +197,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("source", ["saeseg-tests/no-such-model", "./no/such/folder"])
 def test_unknown_source_is_a_clear_error(source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="neither 'embedded', an existing model folder, nor a model in the local"):
+    with pytest.raises(FileNotFoundError, match="neither 'embedded', an existing model folder, nor a model in"):
         load_backbone(source, cache_dir=tmp_path)
 
 

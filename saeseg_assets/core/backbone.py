@@ -177,7 +177,9 @@ def _torch_device(device: str) -> torch.device:
     try:
         torch_device = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device {device!r} (SAESEG_DEVICE) is not a torch device name such as 'cpu' or 'cuda'") from error
+        raise ValueError(
+            f"device {device!r} (SAESEG_DEVICE) is not a torch device name such as 'cpu' or 'cuda'"
+        ) from error
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {device!r} (SAESEG_DEVICE) was requested, but torch {torch.__version__} sees no CUDA GPU here; "
@@ -202,7 +204,8 @@ def _load_model(folder: Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         if config.model_type == "clip":
             # A full CLIP checkpoint: only the vision tower sees images.
-            return transformers.CLIPModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True).vision_model
+            clip = transformers.CLIPModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+            return clip.vision_model
         if config.model_type not in _FAMILY_MEAN_STD:
             raise ValueError(
                 f"{folder}: model_type {config.model_type!r} is not supported; "
@@ -236,7 +239,9 @@ def _embedded_onnx_path() -> Path:
             f"which is not installed; {_INSTALL_HINT}"
         )
     if version != EMBEDDED_VERSION:
-        raise RuntimeError(f"the embedded backbone needs {EMBEDDED_PACKAGE} {EMBEDDED_VERSION}, found {version}; {_INSTALL_HINT}")
+        raise RuntimeError(
+            f"the embedded backbone needs {EMBEDDED_PACKAGE} {EMBEDDED_VERSION}, found {version}; {_INSTALL_HINT}"
+        )
     onnx_path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_ONNX
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path} is missing from the installed {EMBEDDED_PACKAGE}; re{_INSTALL_HINT}")
@@ -352,7 +357,7 @@ def _match_state_dict(
             raise ValueError(f"{onnx_path}: {name!r} has shape {array.shape}, {key!r} needs {target_shapes[key]}")
         if key in state:
             raise ValueError(f"{onnx_path}: two backbone tensors map onto {key!r}")
-        state[key] = torch.from_numpy(array)
+        state[key] = torch.tensor(array)  # a copy: ONNX raw data arrays are read-only
     unmapped = sorted(set(target_shapes) - set(state))
     if unmapped:
         raise ValueError(f"{onnx_path}: no ONNX tensor for {type(model).__name__} keys {unmapped}")

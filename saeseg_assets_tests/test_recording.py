@@ -96,6 +96,16 @@ def test_bad_input_is_reported_before_the_existing_cache_is_touched(tiny_ade20k,
     assert ActivationCache(out).fingerprint == first.fingerprint
 
 
+def test_corrupt_image_midway_fails_and_leaves_the_existing_cache(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "train.zarr"
+    first = _record(tiny_ade20k, tiny_backbone_dir, out)
+    bad = tiny_ade20k / "images" / "training" / "ADE_train_00000005.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG, found only when decoded
+    with pytest.raises(ValueError, match="ADE_train_00000005"):
+        _record(tiny_ade20k, tiny_backbone_dir, out, crop=42)
+    assert ActivationCache(out).fingerprint == first.fingerprint
+
+
 @pytest.mark.slow
 def test_assets_record_the_real_ade20k_sample(ade20k_sample, tmp_path):
     """Both caches from the three real ADE20K validation pairs (a training split copied from them), embedded ViT."""

@@ -2,10 +2,12 @@
 
 import dagster as dg
 
-from .assets import activations
+from .assets import activations, latents, probe, sae, suppression
+from .checks import sae_checks
 from .resources import from_env
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([activations]),
+    assets=dg.load_assets_from_modules([activations, sae, probe, latents, suppression]),
+    asset_checks=sae_checks,
     resources=from_env(),
 )

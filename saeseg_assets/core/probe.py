@@ -194,8 +194,11 @@ def majority_targets(patch_labels_Bhw: np.ndarray) -> np.ndarray:
 
 def training_batches(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig,
                      rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One shuffled pass over the tokens of `spans`: (acts_ND float32, targets_NC) batches; the last partial batch
-    is kept (it is small and the held-out split makes every token count). Memory: `buffer_images` images."""
+    """One shuffled pass over the tokens of `spans`: (acts_ND float32, targets_NC) batches, each token once.
+
+    Chunks come in a random order, `buffer_images` images at a time (the memory bound), and their tokens are shuffled
+    together; the last batch of each buffer fill may be shorter than `batch_size`.
+    """
     order = [spans[i] for i in rng.permutation(len(spans))]
     per_fill = max(1, config.buffer_images // cache.chunk_images)
     label_field = "pixel_labels" if config.target == "soft" else "patch_labels"
@@ -236,11 +239,14 @@ def sweep_losses(W_HCD: torch.Tensor, b_HC: torch.Tensor, acts_ND: torch.Tensor,
     return -(logits_HNC.log_softmax(dim=-1) * targets_NC).sum(dim=(1, 2)) / targets_NC.sum().clamp_min(1e-12)
 
 
-def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
-    """Trains one head per (lr, weight decay) with AdamW on the same batches, selects by held-out pixel mIoU."""
+def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig,
+                log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trains one head per (lr, weight decay) of `config` with AdamW on the same batches of `spans`.
+
+    Returns (W_HCD, b_HC, last epoch's mean loss per head [H]), on the config's device.
+    """
     t0 = time.perf_counter()
     device = torch.device(config.device)
-    train_spans, held_spans = split_held_out(cache, config.held_out_fraction, config.seed)
     grid = config.grid
     # Zero init: the problem is convex, and equal starts make the heads differ only by lr and weight decay.
     weights = [torch.zeros(N_OUTPUTS, cache.d_model, device=device, requires_grad=True) for _ in grid]
@@ -248,12 +254,10 @@ def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str]
     optimizer = torch.optim.AdamW([{"params": [w, b], "lr": lr, "weight_decay": wd}
                                    for (lr, wd), w, b in zip(grid, weights, biases)])
     rng = np.random.default_rng(config.seed)
-    n_train = sum(b - a for a, b in train_spans)
-    log(f"probe sweep: {len(grid)} heads, {n_train} training images, {cache.n_images - n_train} held out, "
-        f"{config.epochs} epochs, target {config.target}")
+    loss_H = torch.full((len(grid),), math.nan)
     for epoch in range(config.epochs):
         loss_sum_H, n_batches = torch.zeros(len(grid), device=device), 0
-        for acts_ND, targets_NC in training_batches(cache, train_spans, config, rng):
+        for acts_ND, targets_NC in training_batches(cache, spans, config, rng):
             loss_H = sweep_losses(torch.stack(weights), torch.stack(biases), torch.from_numpy(acts_ND).to(device),
                                   torch.from_numpy(targets_NC).to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -264,7 +268,19 @@ def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str]
         loss_H = (loss_sum_H / max(n_batches, 1)).cpu()
         log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_H.min():.3f}..{loss_H.max():.3f} "
             f"({time.perf_counter() - t0:.1f} s)")
-    W_HCD, b_HC = torch.stack(weights).detach(), torch.stack(biases).detach()
+    return torch.stack(weights).detach(), torch.stack(biases).detach(), loss_H
+
+
+def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """Trains every head on the training spans of the cache (`train_heads`), selects by held-out pixel mIoU."""
+    t0 = time.perf_counter()
+    device = torch.device(config.device)
+    train_spans, held_spans = split_held_out(cache, config.held_out_fraction, config.seed)
+    grid = config.grid
+    n_train = sum(b - a for a, b in train_spans)
+    log(f"probe sweep: {len(grid)} heads, {n_train} training images, {cache.n_images - n_train} held out, "
+        f"{config.epochs} epochs, target {config.target}")
+    W_HCD, b_HC, loss_H = train_heads(cache, train_spans, config, log)
     evaluations = evaluate_heads(cache, W_HCD, b_HC, held_spans, device)
     table = pd.DataFrame({
         "lr": [lr for lr, _ in grid], "weight_decay": [wd for _, wd in grid],

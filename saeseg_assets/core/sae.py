@@ -27,7 +27,7 @@ class SaeSpec:
     architecture: str  # "topk": the k largest pre-activations per token fire; "relu": every positive one fires
     d_model: int  # width of the activations it encodes
     d_sae: int  # number of latents
-    k: int = 32  # latents active per token (topk only)
+    k: int = 0  # latents active per token (topk); 0 for relu
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -85,7 +85,7 @@ class Sae(nn.Module):
 
     def decode_sparse(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         """Decodes from the active latents only: the cost and the W_dec gradient scale with k, not d_sae."""
-        return F.embedding_bag(idx_NK, self.W_dec_SD, per_sample_weights=vals_NK, mode="sum") + self.b_dec_D
+        return sparse_decode(vals_NK, idx_NK, self.W_dec_SD) + self.b_dec_D
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         if self.spec.architecture == "topk":
@@ -155,14 +155,10 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals_NK, _g_idx, g_aux_NA, _g_aux_idx):
         xc_ND, W_enc_SD, idx_NM, live_NM = ctx.saved_tensors
-        N, M = idx_NM.shape
         S = W_enc_SD.shape[0]
         # Gradient of the pre-activations: non-zero only where a latent was selected and positive (ReLU).
         g_NM = torch.cat([g_vals_NK, g_aux_NA], 1).to(xc_ND.dtype) * live_NM
-        rows = torch.arange(N, device=idx_NM.device).repeat_interleave(M)
-        g_pre_SN = torch.sparse_coo_tensor(torch.stack([idx_NM.reshape(-1), rows]), g_NM.reshape(-1), (S, N),
-                                           check_invariants=False)
-        grad_W_SD = torch.sparse.mm(g_pre_SN, xc_ND.to(W_enc_SD.dtype))
+        grad_W_SD = scatter_rows(idx_NM, g_NM, xc_ND.to(W_enc_SD.dtype), S)
         grad_b_enc_S = torch.zeros(S, dtype=g_NM.dtype, device=g_NM.device).index_add_(
             0, idx_NM.reshape(-1), g_NM.reshape(-1))
         grad_b_dec_D = -(grad_b_enc_S @ W_enc_SD)
@@ -170,6 +166,46 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x_ND = F.embedding_bag(idx_NM, W_enc_SD, per_sample_weights=g_NM, mode="sum")
         return grad_x_ND, grad_W_SD, grad_b_enc_S, grad_b_dec_D, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum_k vals[n, k] W[idx[n, k]], with a backward whose cost scales with the entries, not with W's rows."""
+
+    @staticmethod
+    def forward(ctx, vals_NK, idx_NK, W_SD):
+        ctx.save_for_backward(vals_NK, idx_NK, W_SD)
+        return F.embedding_bag(idx_NK, W_SD, per_sample_weights=vals_NK, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        vals_NK, idx_NK, W_SD = ctx.saved_tensors
+        grad_vals_NK = grad_W_SD = None
+        if ctx.needs_input_grad[0]:
+            # One dot product <grad_n, W[idx[n, k]]> per entry: embedding_bag's own backward for the weights of its
+            # entries does exactly that (its backward for W would fill a dense [S, D] gradient the slow way).
+            with torch.enable_grad():
+                v_NK = vals_NK.detach().requires_grad_()
+                out_ND = F.embedding_bag(idx_NK, W_SD.detach(), per_sample_weights=v_NK, mode="sum")
+                (grad_vals_NK,) = torch.autograd.grad(out_ND, v_NK, grad_ND)
+        if ctx.needs_input_grad[2]:
+            grad_W_SD = scatter_rows(idx_NK, vals_NK, grad_ND, W_SD.shape[0])
+        return grad_vals_NK, None, grad_W_SD
+
+
+def sparse_decode(vals_NK: torch.Tensor, idx_NK: torch.Tensor, W_SD: torch.Tensor) -> torch.Tensor:
+    """[N, D] = sum_k vals[n, k] * W[idx[n, k]]: a decode from k active latents per token, without the bias."""
+    return _SparseDecode.apply(vals_NK, idx_NK, W_SD)
+
+
+def scatter_rows(idx_NM: torch.Tensor, weights_NM: torch.Tensor, rows_ND: torch.Tensor, n_out: int) -> torch.Tensor:
+    """out[s] = sum of weights[n, m] * rows[n] over the entries with idx[n, m] == s: the gradient of a weight matrix
+    used sparsely. Computed as one embedding_bag over the entries sorted by s (faster here than sparse matmuls)."""
+    flat = idx_NM.reshape(-1)
+    order = torch.argsort(flat)
+    offsets_S = torch.zeros(n_out, dtype=torch.long, device=flat.device)
+    offsets_S[1:] = torch.bincount(flat, minlength=n_out)[:-1].cumsum(0)
+    return F.embedding_bag(order // max(idx_NM.shape[1], 1), rows_ND, offsets_S,
+                           per_sample_weights=weights_NM.reshape(-1)[order].to(rows_ND.dtype), mode="sum")
 
 
 def topk_encode(x_ND, W_enc_SD, b_enc_S, b_dec_D, k: int, dead_S: torch.Tensor | None = None, k_aux: int = 0):
@@ -203,7 +239,7 @@ def load_sae(path: Path) -> tuple[Sae, dict]:
     tensors, meta = load_tensors(path, STEM)
     folder = path if path.is_dir() else path.parent
     recorded = meta.get("weights_sha256")
-    if recorded and recorded != _tensors_digest(tensors):
+    if recorded and recorded != weights_digest(folder):
         raise CheckpointError(f"{folder}: {STEM}.json does not describe {STEM}.safetensors (a torn write?)")
     try:
         spec = SaeSpec(**{f: meta[f] for f in ("architecture", "d_model", "d_sae", "k") if f in meta})
@@ -212,10 +248,17 @@ def load_sae(path: Path) -> tuple[Sae, dict]:
     return Sae.from_file_tensors(spec, tensors, folder), meta
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    from safetensors.torch import save
-
-    return hashlib.sha256(save({k: v.contiguous() for k, v in tensors.items()})).hexdigest()
+def import_sae(source: Path, folder: Path, d_model: int, cache_path: Path) -> tuple[Sae, dict]:
+    """Checks a checkpoint from elsewhere against the cache it will be used on, then saves it into `folder`."""
+    source = Path(source)
+    sae, meta = load_sae(source)
+    if sae.spec.d_model != d_model:
+        raise CheckpointError(f"{source}: the SAE encodes d_model = {sae.spec.d_model}, but the activation cache "
+                              f"{cache_path} holds d_model = {d_model}")
+    # A training key would claim that this folder's own training produced the weights.
+    kept = {k: v for k, v in meta.items() if k not in ("weights_sha256", "training_key", "imported_from")}
+    save_sae(sae, Path(folder), {**kept, "imported_from": str(source.resolve())})
+    return load_sae(folder)
 
 
 def _load_reference(path: Path) -> tuple[Sae, dict]:
@@ -235,7 +278,8 @@ def _load_reference(path: Path) -> tuple[Sae, dict]:
     if "d_vit" in cfg and int(cfg["d_vit"]) != d_model:
         raise CheckpointError(f"{path}: header says d_vit = {cfg['d_vit']}, W_enc has {d_model} rows")
     try:
-        spec = SaeSpec("topk" if kind == "TopK" else "relu", d_model, d_sae, int(params.get("top_k", 32)))
+        spec = SaeSpec("topk" if kind == "TopK" else "relu", d_model, d_sae,
+                       int(params.get("top_k", 0)) if kind == "TopK" else 0)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     tensors = {k: v.float() for k, v in state.items() if k in ("W_enc", "b_enc", "W_dec", "b_dec")}

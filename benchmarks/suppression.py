@@ -1,0 +1,161 @@
+"""Suppression cost: one class, and all 150 classes, against one full SAE encoding pass over the validation cache,
+measured side by side in one run and printed as ratios (targets: one class <= 0.05, all 150 <= 2).
+
+Uses the caches under --data and the SAE and probe there (or --sae / --probe); where none exist, a randomly
+initialized TopK SAE (d_sae = 16 x d_model, k 32) and a ridge probe fitted on the training cache (flagged).
+Usage: python benchmarks/suppression.py [--data data] [--sae DIR] [--probe DIR] [--threads 0] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saeseg_assets.core.ade20k import CLASSES, class_by_key
+from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.core.logit_shift import PatchBaseline, PixelBaseline
+from saeseg_assets.core.latents import SelectionConfig, StatsConfig, compute_latent_stats, select_class_latents
+from saeseg_assets.core.probe import Probe, load_probe, pixel_share_targets
+from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
+from saeseg_assets.core.suppression import SuppressionConfig, SuppressionModel, evaluate_class
+from saeseg_assets.core.val_codes import compute_val_codes
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+@torch.inference_mode()
+def sae_pass(sae: Sae, cache: ActivationCache) -> int:
+    """One full encoding pass with the SAE's own encoder: what one class must cost a small fraction of."""
+    n = 0
+    for _, block in cache.iter_blocks(("activations",)):
+        x_ND = torch.from_numpy(block["activations"]).float().reshape(-1, cache.d_model)
+        vals, _ = sae.encode_topk(x_ND) if sae.spec.architecture == "topk" else (sae.encode(x_ND), None)
+        n += len(vals)
+    return n
+
+
+class Stopwatch:
+    """Adds up the time spent in one method, to split a class's cost into its patch and pixel parts."""
+
+    def __init__(self, owner, name: str):
+        self.total, self.calls = 0.0, 0
+        original = getattr(owner, name)
+
+        def timed_method(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - t0
+                self.calls += 1
+
+        setattr(owner, name, timed_method)
+
+    def take(self) -> tuple[float, int]:
+        out = (self.total, self.calls)
+        self.total, self.calls = 0.0, 0
+        return out
+
+
+def ridge_probe(cache: ActivationCache, lam: float = 1.0) -> Probe:
+    """A least-squares probe on pixel-share targets: a stand-in with realistic margins when no probe is trained."""
+    x = np.concatenate([cache.read("activations", a, min(a + 16, cache.n_images)).reshape(-1, cache.d_model)
+                        for a in range(0, cache.n_images, 16)]).astype(np.float64)
+    y = np.concatenate([pixel_share_targets(cache.read("pixel_labels", a, min(a + 16, cache.n_images)), cache.grid)
+                        for a in range(0, cache.n_images, 16)]).astype(np.float64)
+    mean = x.mean(0)
+    xc = x - mean
+    W = np.linalg.solve(xc.T @ xc + lam * len(x) * np.eye(x.shape[1]), xc.T @ (y - y.mean(0)))
+    weight = torch.from_numpy(W.T).float() * 10
+    bias = torch.from_numpy((y.mean(0) - mean @ W) * 10).float()
+    return Probe(weight, bias)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--sae", default="", help="SAE checkpoint folder (default: <data>/sae)")
+    parser.add_argument("--probe", default="", help="probe checkpoint folder (default: <data>/probe)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--class-key", default="010_grass")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    train = ActivationCache(data / "activations" / "training.zarr")
+    val = ActivationCache(data / "activations" / "validation.zarr")
+    sae_dir, probe_dir = Path(args.sae or data / "sae"), Path(args.probe or data / "probe")
+    if (sae_dir / "sae.json").exists():
+        sae, _ = load_sae(sae_dir)
+        sae_source = str(sae_dir)
+    else:
+        first = train.read("activations", 0, min(32, train.n_images))
+        mean = torch.from_numpy(first).float().reshape(-1, train.d_model)
+        sae = Sae.initialized(SaeSpec("topk", train.d_model, 16 * train.d_model, 32), mean.mean(0), seed=0)
+        sae_source = "random TopK init (no trained SAE found)"
+    trained_probe = (probe_dir / "probe.json").exists()
+    probe = load_probe(probe_dir) if trained_probe else ridge_probe(train)
+    probe_source = str(probe_dir) if trained_probe else "ridge stand-in"
+    print(f"val cache: {val.n_images} images x {val.n_patches} patches, d_model {val.d_model}; SAE d_sae "
+          f"{sae.spec.d_sae} ({sae.spec.architecture}, k {sae.spec.k}) from {sae_source}; probe: {probe_source}; "
+          f"torch threads {torch.get_num_threads()}")
+
+    t_stats, stats = timed(lambda: compute_latent_stats(sae, train, StatsConfig(), log=lambda _: None), 1)
+    t_codes, codes = timed(lambda: compute_val_codes(sae, probe, val, log=lambda _: None), 1)
+    labels_N = torch.from_numpy(val.read("patch_labels", 0, val.n_images)).reshape(-1)
+    pixels = torch.from_numpy(val.read("pixel_labels", 0, val.n_images))
+    t_model, model = timed(lambda: SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S,
+                                                    stats.frequency_S, codes, labels_N, pixels, val.grid), 1)
+    config = SuppressionConfig()
+    selection = SelectionConfig()
+    latents = {c.index: select_class_latents(stats, c.index, selection).latents for c in CLASSES}
+    target = class_by_key(args.class_key).index
+
+    pixel_clock = Stopwatch(PixelBaseline, "counts_after")
+    patch_clock = Stopwatch(PatchBaseline, "predictions_after")
+    t_sae, _ = timed(lambda: sae_pass(sae, val), args.repeats)
+    t_one, one = timed(lambda: evaluate_class(model, target, latents[target], config), args.repeats)
+    (pixel_one, n_pixel), (patch_one, n_patch) = pixel_clock.take(), patch_clock.take()
+    t_all, reports = timed(lambda: [evaluate_class(model, c, latents[c], config) for c in latents], 1)
+    (pixel_all, _), (patch_all, _) = pixel_clock.take(), patch_clock.take()
+    t_sae_after, _ = timed(lambda: sae_pass(sae, val), args.repeats)
+    t_sae = statistics.median([t_sae, t_sae_after])
+    evaluated = sum(r["status"] == "evaluated" for r in reports)
+    r = args.repeats
+
+    print(f"shared, once per run: latent stats over training {t_stats:.2f} s, val codes {t_codes:.2f} s, "
+          f"baseline margins {t_model:.2f} s")
+    print(f"full SAE encoding pass over validation: {t_sae:.3f} s (median, before and after the class runs)")
+    print(f"one class ({args.class_key}, {one['status']}, latents {list(latents[target])}): {t_one:.3f} s  "
+          f"ratio {t_one / t_sae:.3f}  (target <= 0.05)")
+    if n_patch:
+        print(f"  patch level: {n_patch // r} evaluations (dose-response x controls) {patch_one / r:.3f} s, ratio "
+              f"{patch_one / r / t_sae:.3f}; pixel level: {n_pixel // r} evaluations (configured setting and its "
+              f"controls) {pixel_one / r:.3f} s, ratio {pixel_one / r / t_sae:.3f}; one patch + one pixel "
+              f"evaluation (the configured edit alone) about {(patch_one / n_patch + pixel_one / n_pixel) / t_sae:.3f}")
+    print(f"all 150 classes ({evaluated} present with latents): {t_all:.2f} s  ratio {t_all / t_sae:.2f}  "
+          f"(target <= 2); patch level {patch_all:.2f} s, pixel level {pixel_all:.2f} s")
+    if one["status"] == "evaluated":
+        m = one["metrics"]
+        print(f"{args.class_key} at scale {config.scale:g}, {config.mode}: "
+              f"target change {m['target_change_rate']:.3f}, "
+              f"other {m['other_change_rate']:.3f}, random latents {m['random_latents_target_change_rate']:.3f}, "
+              f"random direction {m['random_direction_target_change_rate']:.3f}")
+    print("Timings are wall clock on a shared machine: compare the ratios, not the seconds.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Statistics of an SAE's latents over the training cache in one streaming pass (per latent, per class and latent,
+top patches; file format in `STAT_FIELDS`, safetensors + JSON) and the rules that pick one class's latents."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import ActivationCache
+from .checkpoints import CheckpointError, load_tensors, save_tensors
+from .metrics import N_OUTPUTS
+
+STEM = "latent_stats"
+FORMAT_VERSION = 1
+RULES = ("f1", "activation_sum")
+
+# Name -> meaning; every array of the file. C = 151 outputs (row 0: label "other"), S = latents, T = top patches.
+STAT_FIELDS = {
+    "fire_count_S": "tokens on which the latent fires (code > 0)",
+    "act_sum_S": "sum of the latent's code over all tokens",
+    "act_max_S": "largest code of the latent (0 if it never fires)",
+    "class_patches_C": "tokens whose patch has majority label c",
+    "class_fire_count_CS": "tokens of majority label c on which the latent fires",
+    "class_act_sum_CS": "sum of the latent's code over tokens of majority label c",
+    "pure_patches_C": "tokens of majority label c with purity >= the stats' purity threshold",
+    "pure_fire_count_CS": "pure tokens of label c on which the latent fires",
+    "pure_act_sum_CS": "sum of the latent's code over pure tokens of label c",
+    "top_values_ST": "the latent's T largest codes, descending (0 where it fired on fewer tokens)",
+    "top_tokens_ST": "their tokens: image index * n_patches + patch index (-1 where none); ties: lower token first",
+}
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """How the statistics pass runs."""
+
+    purity: float = 0.9  # a patch is "pure" when this share of its pixels carries its majority label
+    top_patches: int = 8  # top-activating training tokens kept per latent, for the galleries
+    block_images: int = 16  # images encoded per step
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """The arrays of `STAT_FIELDS` as numpy arrays, plus the counts that give them meaning."""
+
+    n_tokens: int
+    n_patches: int
+    arrays: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        arrays = self.__dict__.get("arrays", {})
+        if name in arrays:
+            return arrays[name]
+        raise AttributeError(name)
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.arrays["fire_count_S"])
+
+    @property
+    def frequency_S(self) -> np.ndarray:
+        """Share of training tokens on which each latent fires."""
+        return self.fire_count_S / max(self.n_tokens, 1)
+
+    @property
+    def mean_active_S(self) -> np.ndarray:
+        """Mean code over the tokens where the latent fires (0 for latents that never fire)."""
+        return np.divide(self.act_sum_S, self.fire_count_S, out=np.zeros(self.d_sae), where=self.fire_count_S > 0)
+
+
+def sparse_codes(sae, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SAE's non-zero codes of a batch as (token [M], latent [M], value [M]); the SAE's own encoder decides them."""
+    if sae.spec.architecture == "topk":
+        vals_NK, idx_NK = sae.encode_topk(x_ND)
+        tok_NK = torch.arange(len(x_ND), device=x_ND.device)[:, None].expand_as(idx_NK)
+        live = vals_NK > 0
+        return tok_NK[live], idx_NK[live], vals_NK[live]
+    codes_NS = sae.encode(x_ND)
+    tok_M, lat_M = codes_NS.nonzero(as_tuple=True)
+    return tok_M, lat_M, codes_NS[tok_M, lat_M]
+
+
+def merge_top(values_ST: torch.Tensor, tokens_ST: torch.Tensor, lat_M: torch.Tensor, val_M: torch.Tensor,
+              tok_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent, the T largest of (kept entries, new entries); ties go to the lower token id."""
+    S, T = values_ST.shape
+    # Only new entries that beat the current T-th value of their latent can enter.
+    beats = (val_M > values_ST[lat_M, T - 1]) | ((val_M == values_ST[lat_M, T - 1]) & (tokens_ST[lat_M, T - 1] < 0))
+    lat_M, val_M, tok_M = lat_M[beats], val_M[beats], tok_M[beats]
+    if not len(lat_M):
+        return values_ST, tokens_ST
+    touched = torch.unique(lat_M)
+    old = tokens_ST[touched] >= 0
+    lat = torch.cat([touched[:, None].expand(-1, T)[old], lat_M])
+    val = torch.cat([values_ST[touched][old], val_M])
+    tok = torch.cat([tokens_ST[touched][old], tok_M])
+    # Three stable sorts give the order (latent, -value, token).
+    order = torch.argsort(tok, stable=True)
+    order = order[torch.argsort(-val[order], stable=True)]
+    order = order[torch.argsort(lat[order], stable=True)]
+    lat, val, tok = lat[order], val[order], tok[order]
+    counts = torch.bincount(lat, minlength=S)
+    rank = torch.arange(len(lat), device=lat.device) - (torch.cumsum(counts, 0) - counts)[lat]
+    keep = rank < T
+    values_ST, tokens_ST = values_ST.clone(), tokens_ST.clone()
+    values_ST[touched], tokens_ST[touched] = 0.0, -1
+    values_ST[lat[keep], rank[keep]] = val[keep]
+    tokens_ST[lat[keep], rank[keep]] = tok[keep]
+    return values_ST, tokens_ST
+
+
+@torch.inference_mode()
+def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = StatsConfig(),
+                         log: Callable[[str], None] = print) -> LatentStats:
+    """One streaming pass of the SAE over `cache`: every count and sum accumulated over the sparse codes with
+    bincount / index_add (the cost scales with the non-zero codes, not tokens x latents)."""
+    if sae.spec.d_model != cache.d_model:
+        raise ValueError(f"the SAE encodes d_model {sae.spec.d_model}, the cache {cache.path} holds {cache.d_model}")
+    dev = torch.device(config.device)
+    sae = sae.to(dev)
+    S, C, P, T = sae.spec.d_sae, N_OUTPUTS, cache.n_patches, config.top_patches
+    acc = {
+        "fire_count_S": torch.zeros(S, dtype=torch.int64, device=dev),
+        "act_sum_S": torch.zeros(S, dtype=torch.float64, device=dev),
+        "act_max_S": torch.zeros(S, dtype=torch.float32, device=dev),
+        "class_patches_C": torch.zeros(C, dtype=torch.int64, device=dev),
+        "class_fire_count_CS": torch.zeros(C * S, dtype=torch.int64, device=dev),
+        "class_act_sum_CS": torch.zeros(C * S, dtype=torch.float64, device=dev),
+        "pure_patches_C": torch.zeros(C, dtype=torch.int64, device=dev),
+        "pure_fire_count_CS": torch.zeros(C * S, dtype=torch.int64, device=dev),
+        "pure_act_sum_CS": torch.zeros(C * S, dtype=torch.float64, device=dev),
+    }
+    top_values_ST = torch.zeros(S, T, dtype=torch.float32, device=dev)
+    top_tokens_ST = torch.full((S, T), -1, dtype=torch.int64, device=dev)
+    fields = ("activations", "patch_labels", "patch_purity")
+    for start, block in cache.iter_blocks(fields, config.block_images):
+        x_ND = torch.from_numpy(block["activations"]).to(dev, torch.float32).reshape(-1, cache.d_model)
+        label_N = torch.from_numpy(block["patch_labels"]).to(dev).reshape(-1).long()
+        pure_N = torch.from_numpy(block["patch_purity"]).to(dev).reshape(-1) >= config.purity
+        tok_M, lat_M, val_M = sparse_codes(sae, x_ND)
+        val64_M = val_M.double()
+        acc["fire_count_S"] += torch.bincount(lat_M, minlength=S)
+        acc["act_sum_S"].index_add_(0, lat_M, val64_M)
+        acc["act_max_S"].scatter_reduce_(0, lat_M, val_M.float(), reduce="amax")
+        pair_M = label_N[tok_M] * S + lat_M
+        acc["class_patches_C"] += torch.bincount(label_N, minlength=C)
+        acc["class_fire_count_CS"] += torch.bincount(pair_M, minlength=C * S)
+        acc["class_act_sum_CS"].index_add_(0, pair_M, val64_M)
+        pure_M = pure_N[tok_M]
+        acc["pure_patches_C"] += torch.bincount(label_N[pure_N], minlength=C)
+        acc["pure_fire_count_CS"] += torch.bincount(pair_M[pure_M], minlength=C * S)
+        acc["pure_act_sum_CS"].index_add_(0, pair_M[pure_M], val64_M[pure_M])
+        top_values_ST, top_tokens_ST = merge_top(top_values_ST, top_tokens_ST, lat_M, val_M.float(),
+                                                 start * P + tok_M)
+    arrays = {k: v.cpu().numpy().reshape(C, S) if k.endswith("_CS") else v.cpu().numpy() for k, v in acc.items()}
+    arrays["top_values_ST"], arrays["top_tokens_ST"] = top_values_ST.cpu().numpy(), top_tokens_ST.cpu().numpy()
+    meta = {"format": "saeseg-latent-stats", "format_version": FORMAT_VERSION, "purity": config.purity,
+            "top_patches": T, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
+            "fields": STAT_FIELDS}
+    stats = LatentStats(cache.n_tokens, P, arrays, meta)
+    log(f"latent stats over {cache.n_tokens} tokens: {int((stats.fire_count_S > 0).sum())} of {S} latents fire, "
+        f"{int((stats.frequency_S >= 1e-2).sum())} on >= 1% of tokens")
+    return stats
+
+
+def save_latent_stats(folder: Path, stats: LatentStats, meta: dict | None = None) -> Path:
+    """Writes latent_stats.safetensors + latent_stats.json atomically (the JSON last)."""
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.arrays.items()}
+    full = {**stats.meta, **(meta or {}), "n_tokens": stats.n_tokens, "n_patches": stats.n_patches}
+    return save_tensors(Path(folder), STEM, tensors, full)[0]
+
+
+def load_latent_stats(folder: Path) -> LatentStats:
+    tensors, meta = load_tensors(Path(folder), STEM)
+    if missing := set(STAT_FIELDS) - set(tensors):
+        raise CheckpointError(f"{folder}: latent statistics lack {sorted(missing)}; materialize latent_stats again")
+    arrays = {k: tensors[k].numpy() for k in STAT_FIELDS}
+    return LatentStats(int(meta["n_tokens"]), int(meta["n_patches"]), arrays, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How one class's latents are chosen from the statistics."""
+
+    # "f1": F1 of "latent fires" against "patch is class c" over pure training patches (reference rule a);
+    # "activation_sum": sum of codes over class-c patches after dropping dense latents (reference rule b).
+    # f1 is the default: on the embedded data its latents fire on far more held-out class-c patches (README).
+    rule: str = "f1"
+    k: int = 3  # latents kept per class
+    dense_frequency: float = 1e-2  # "activation_sum" drops latents firing on at least this share of tokens
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"selection rule {self.rule!r}: expected one of {RULES}")
+        if self.k < 1:
+            raise ValueError(f"k = {self.k}: at least one latent per class")
+
+
+@dataclass(frozen=True)
+class ClassLatents:
+    """The chosen latents of one class, best first; empty with a reason when none can be chosen."""
+
+    class_index: int
+    rule: str
+    latents: tuple[int, ...]
+    scores: tuple[float, ...]
+    details: tuple[dict, ...]  # per latent: frequency, max/mean activation, counts on class c
+    reason: str = ""
+
+
+def f1_scores(stats: LatentStats, class_index: int) -> np.ndarray:
+    """F1 of "code > 0" against "label == c" over pure patches: 2 TP / (fired + positives)."""
+    tp_S = stats.pure_fire_count_CS[class_index].astype(np.float64)
+    fired_S = stats.pure_fire_count_CS.sum(axis=0).astype(np.float64)
+    positives = float(stats.pure_patches_C[class_index])
+    denominator_S = fired_S + positives
+    return np.divide(2 * tp_S, denominator_S, out=np.zeros_like(tp_S), where=denominator_S > 0)
+
+
+def activation_sum_scores(stats: LatentStats, class_index: int, dense_frequency: float) -> np.ndarray:
+    """Sum of codes over class-c patches; dense latents (frequency >= dense_frequency) score -inf."""
+    scores_S = stats.class_act_sum_CS[class_index].astype(np.float64).copy()
+    scores_S[stats.frequency_S >= dense_frequency] = -np.inf
+    return scores_S
+
+
+def latent_scores(stats: LatentStats, class_index: int, config: SelectionConfig) -> np.ndarray:
+    if config.rule == "f1":
+        return f1_scores(stats, class_index)
+    return activation_sum_scores(stats, class_index, config.dense_frequency)
+
+
+def select_class_latents(stats: LatentStats, class_index: int, config: SelectionConfig = SelectionConfig()
+                         ) -> ClassLatents:
+    """The top-k latents by the configured rule; only latents with a positive score (they fire on class c)."""
+    name = f"class {class_index}"
+    if stats.class_patches_C[class_index] == 0:
+        return ClassLatents(class_index, config.rule, (), (), (),
+                            f"{name} is absent from the training cache: no patch has it as majority label")
+    if config.rule == "f1" and stats.pure_patches_C[class_index] == 0:
+        return ClassLatents(class_index, config.rule, (), (), (),
+                            f"{name} has no pure training patch (purity >= {stats.meta.get('purity', 0.9)}), "
+                            "which the f1 rule scores on")
+    scores_S = latent_scores(stats, class_index, config)
+    # Stable descending order: equal scores keep the lower latent id first.
+    order = np.argsort(-scores_S, kind="stable")
+    chosen = [int(i) for i in order[: config.k] if np.isfinite(scores_S[i]) and scores_S[i] > 0]
+    if not chosen:
+        return ClassLatents(class_index, config.rule, (), (), (),
+                            f"no latent scores above 0 for {name} under rule {config.rule!r}")
+    f1_S = f1_scores(stats, class_index)
+    details = tuple(_latent_detail(stats, class_index, i, f1_S[i]) for i in chosen)
+    return ClassLatents(class_index, config.rule, tuple(chosen), tuple(float(scores_S[i]) for i in chosen), details)
+
+
+def _latent_detail(stats: LatentStats, c: int, i: int, f1: float) -> dict:
+    fires = int(stats.fire_count_S[i])
+    on_class = int(stats.class_fire_count_CS[c, i])
+    return {"latent": i, "frequency": float(stats.frequency_S[i]), "max_activation": float(stats.act_max_S[i]),
+            "mean_activation": float(stats.mean_active_S[i]), "fires_on_class": on_class,
+            "class_activation_sum": float(stats.class_act_sum_CS[c, i]),
+            "precision": on_class / fires if fires else math.nan,
+            "recall": on_class / int(stats.class_patches_C[c]) if stats.class_patches_C[c] else math.nan,
+            "pure_f1": float(f1)}
+
+
+def top_patches(stats: LatentStats, latent: int) -> list[tuple[int, int, float]]:
+    """(image index, patch index, value) of the latent's top-activating training tokens, best first."""
+    out = []
+    for token, value in zip(stats.top_tokens_ST[latent], stats.top_values_ST[latent]):
+        if token >= 0:
+            out.append((int(token) // stats.n_patches, int(token) % stats.n_patches, float(value)))
+    return out
+
+
+def class_latents_record(chosen: ClassLatents, class_key: str, class_name: str, config: SelectionConfig,
+                         stats_meta: dict) -> dict:
+    """The JSON of `class_latents/<class_key>.json`: the chosen latents with their scores and statistics."""
+    return {"class_key": class_key, "class_index": chosen.class_index, "class_name": class_name,
+            "status": "chosen" if chosen.latents else "empty", "reason": chosen.reason, "rule": chosen.rule,
+            "k": config.k, "dense_frequency": config.dense_frequency, "latents": list(chosen.latents),
+            "scores": list(chosen.scores), "details": list(chosen.details),
+            "latent_stats": {k: stats_meta.get(k) for k in ("sae_sha256", "train_fingerprint", "purity")}}

@@ -1,0 +1,81 @@
+"""Measuring an SAE on held-out tokens: reconstruction (FVU, MSE) and sparsity (L0, dead and dense latents).
+
+All figures are totals over the whole evaluation set, accumulated block by block in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import ActivationCache
+from .sae import Sae
+
+
+@dataclass(frozen=True)
+class SaeMetrics:
+    """Figures over a whole evaluation set."""
+
+    fvu: float  # sum ||x - x_hat||^2 / sum ||x - mean||^2, mean taken over the whole set
+    mse: float  # sum ||x - x_hat||^2 / (tokens * d_model), in the activations' units
+    l0: float  # active latents per token
+    dead_fraction: float  # share of latents that never fire on the set
+    dense_fraction: float  # share of latents that fire on more than 1% of the tokens
+    n_tokens: int
+
+
+class EvalTotals:
+    """Running sums over an evaluation set, so that its figures are whole-set totals, not means of batch figures."""
+
+    def __init__(self, d_model: int, d_sae: int):
+        self.n = 0
+        self.shift_D: torch.Tensor | None = None  # the first batch's mean: sums around it do not cancel badly
+        self.sum_x_D = torch.zeros(d_model, dtype=torch.float64)
+        self.sum_sq_x = 0.0
+        self.sum_sq_err = 0.0
+        self.fires_S = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(self, x_ND: torch.Tensor, x_hat_ND: torch.Tensor, fires_S: torch.Tensor) -> None:
+        """One batch: inputs, reconstructions, and on how many of its tokens each latent fired."""
+        x_ND, x_hat_ND = x_ND.detach().double().cpu(), x_hat_ND.detach().double().cpu()
+        if self.shift_D is None:
+            self.shift_D = x_ND.mean(0)
+        self.n += len(x_ND)
+        self.sum_sq_err += float((x_ND - x_hat_ND).pow(2).sum())
+        x_ND = x_ND - self.shift_D
+        self.sum_x_D += x_ND.sum(0)
+        self.sum_sq_x += float(x_ND.pow(2).sum())
+        self.fires_S += fires_S.detach().double().cpu()
+
+    def metrics(self) -> SaeMetrics:
+        n, d = max(self.n, 1), len(self.sum_x_D)
+        # sum ||x - mean||^2 = sum ||x - shift||^2 - n ||mean - shift||^2, in float64
+        total_var = self.sum_sq_x - float(self.sum_x_D.pow(2).sum()) / n
+        return SaeMetrics(fvu=self.sum_sq_err / total_var if total_var > 0 else float("nan"),
+                          mse=self.sum_sq_err / (n * d),
+                          l0=float(self.fires_S.sum()) / n,
+                          dead_fraction=float((self.fires_S == 0).double().mean()),
+                          dense_fraction=float((self.fires_S > 0.01 * n).double().mean()),
+                          n_tokens=self.n)
+
+
+@torch.no_grad()
+def evaluate_sae(sae: Sae, cache: ActivationCache, device: str = "cpu", block_images: int | None = None) -> SaeMetrics:
+    """Reconstruction and sparsity of `sae` over every token of `cache`, read block by block."""
+    if sae.spec.d_model != cache.d_model:
+        raise ValueError(f"the SAE has d_model {sae.spec.d_model}, {cache.path} holds d_model {cache.d_model}")
+    sae = sae.to(device).eval()
+    totals = EvalTotals(sae.spec.d_model, sae.spec.d_sae)
+    for _, block in cache.iter_blocks(("activations",), block_images):
+        x_ND = torch.from_numpy(block["activations"]).reshape(-1, cache.d_model).to(device).float()
+        if sae.spec.architecture == "topk":
+            vals_NK, idx_NK = sae.encode_topk(x_ND)
+            x_hat_ND = sae.decode_sparse(vals_NK, idx_NK)
+            fires_S = torch.bincount(idx_NK[vals_NK > 0], minlength=sae.spec.d_sae)
+        else:
+            codes_NS = sae.encode(x_ND)
+            x_hat_ND = sae.decode(codes_NS)
+            fires_S = (codes_NS > 0).sum(0)
+        totals.add(x_ND, x_hat_ND, fires_S)
+    return totals.metrics()

@@ -1,0 +1,331 @@
+"""The class-suppression edit x' = x + sum_i (v_i - f_i(x)) W_dec[i], taken exactly into the linear probe's logits,
+with its two controls, the dose-response sweep and the class-specificity rule, evaluated one class at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .logit_shift import LogitShift, PatchBaseline, PixelBaseline
+from .metrics import N_OUTPUTS, ConfusionMatrix
+from .suppression_config import SuppressionConfig
+from .val_codes import ValCodes
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Runs the block on one torch thread. The per-class work is many small tensor ops, for which intra-op threads
+    cost more in synchronisation than they save (here: 15x slower with 2 threads on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class SuppressionModel:
+    """What every class shares, loaded once per run: decoder rows, probe, latent maxima and frequencies, the
+    validation codes and the baseline predictions with their margins."""
+
+    def __init__(self, W_dec_SD: torch.Tensor, probe_W_CD: torch.Tensor, max_activation_S: np.ndarray,
+                 frequency_S: np.ndarray, codes: ValCodes, patch_labels_N: torch.Tensor,
+                 pixel_labels_BHW: torch.Tensor, grid: int):
+        self.W_dec_SD = W_dec_SD.float()
+        self.probe_W_CD = probe_W_CD.float()
+        self.max_activation_S = torch.as_tensor(np.asarray(max_activation_S), dtype=torch.float32)
+        self.frequency_S = np.asarray(frequency_S, dtype=np.float64)
+        self.codes = codes
+        self.grid = grid
+        with single_thread():
+            self.patch = PatchBaseline.build(codes.logits_NC, patch_labels_N)
+            self.pixel = PixelBaseline.build(codes.logits_NC, pixel_labels_BHW, codes.pixel_pred_BHW, grid)
+        self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK)
+        labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1).long()
+        offsets = torch.arange(len(labels_BX))[:, None] * N_OUTPUTS
+        self.pixels_BC = torch.bincount((labels_BX + offsets).reshape(-1),
+                                        minlength=len(labels_BX) * N_OUTPUTS).reshape(-1, N_OUTPUTS)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.codes.n_tokens
+
+    def decoder_logits(self, latents: tuple[int, ...]) -> torch.Tensor:
+        """P_LC = W_dec[L] W_probe^T: what one unit of each latent adds to the logits."""
+        return self.W_dec_SD[list(latents)] @ self.probe_W_CD.T
+
+
+@dataclass(frozen=True)
+class Edit:
+    """The coefficients (v_i - f_i) of one intervention: on `tokens_U` (where an edited latent fires) they are
+    `coef_UL`; on every other token they are v_L in every_token mode and 0 in where_active mode."""
+
+    latents: tuple[int, ...]
+    values_L: torch.Tensor
+    tokens_U: torch.Tensor
+    coef_UL: torch.Tensor
+    every_token: bool
+
+
+def latent_edit(model: SuppressionModel, latents: tuple[int, ...], scale: float, mode: str,
+                columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> Edit:
+    """v_L = scale x max activation; `columns` (tokens, codes) of the latents may be passed when already read."""
+    values_L = scale * model.max_activation_S[list(latents)]
+    tokens_U, codes_UL = columns if columns is not None else model.codes.columns(latents)
+    # where_active edits exactly the tokens where some chosen latent fires: the same rows in both modes.
+    return Edit(tuple(latents), values_L, tokens_U, values_L[None, :] - codes_UL, mode == "every_token")
+
+
+def edit_shift(model: SuppressionModel, edit: Edit) -> LogitShift:
+    """The edit in logit space: delta_n = sum_i a_ni (W_probe W_dec[i]); exact because the probe is linear."""
+    if not edit.latents:
+        return LogitShift.zero()
+    P_LC = model.decoder_logits(edit.latents)
+    shift_C = edit.values_L @ P_LC if edit.every_token else torch.zeros(N_OUTPUTS)
+    return LogitShift(shift_C, edit.tokens_U, edit.coef_UL @ P_LC)
+
+
+def edit_norms(model: SuppressionModel, edit: Edit) -> tuple[float, torch.Tensor]:
+    """||sum_i a_ni W_dec[i]|| on the other tokens (one number) and on `tokens_U`, through the Gram matrix."""
+    if not edit.latents:
+        return 0.0, torch.zeros(0)
+    W_LD = model.W_dec_SD[list(edit.latents)]
+    G_LL = W_LD @ W_LD.T
+    norms_U = torch.einsum("ul,lm,um->u", edit.coef_UL, G_LL, edit.coef_UL).clamp(min=0).sqrt()
+    rest = float((edit.values_L @ G_LL @ edit.values_L).clamp(min=0).sqrt()) if edit.every_token else 0.0
+    return rest, norms_U
+
+
+def direction_shift(model: SuppressionModel, edit: Edit, direction_D: torch.Tensor) -> LogitShift:
+    """The random-direction control: the unit direction, times the edit's own norm on each token."""
+    rest, norms_U = edit_norms(model, edit)
+    q_C = model.probe_W_CD @ direction_D
+    return LogitShift(rest * q_C, edit.tokens_U, norms_U[:, None] * q_C[None, :])
+
+
+def edited_activations(sae, x_ND: torch.Tensor, latents: tuple[int, ...], values_L: torch.Tensor,
+                       mode: str) -> torch.Tensor:
+    """The explicit form: encode, keep the error term x - x_hat, set the chosen codes to v, decode, add the error."""
+    codes_NS = sae.encode(x_ND)
+    error_ND = x_ND - sae.decode(codes_NS)
+    edited_NS = codes_NS.clone()
+    index = list(latents)
+    rows = torch.ones(len(x_ND), dtype=torch.bool) if mode == "every_token" else (codes_NS[:, index] > 0).any(1)
+    sub = edited_NS[rows]
+    sub[:, index] = values_L.to(sub.dtype)
+    edited_NS[rows] = sub
+    return sae.decode(edited_NS) + error_ND
+
+
+def matched_latents(frequency_S: np.ndarray, latents: tuple[int, ...], rng: np.random.Generator,
+                    pool: int) -> tuple[int, ...]:
+    """For each chosen latent, a different latent drawn among the `pool` nearest to it in log firing frequency."""
+    log_f = np.log10(np.maximum(frequency_S, 1e-12))
+    free = np.ones(len(frequency_S), dtype=bool)
+    free[list(latents)] = False
+    out = []
+    for i in latents:
+        distance = np.where(free, np.abs(log_f - log_f[i]), np.inf)
+        nearest = np.argsort(distance, kind="stable")[:pool]
+        nearest = nearest[np.isfinite(distance[nearest])]
+        pick = int(rng.choice(nearest))
+        out.append(pick)
+        free[pick] = False
+    return tuple(out)
+
+
+def random_direction(d_model: int, rng: np.random.Generator) -> torch.Tensor:
+    u = rng.standard_normal(d_model)
+    return torch.from_numpy(u / np.linalg.norm(u)).float()
+
+
+def control_draws(model: SuppressionModel, class_index: int, latents: tuple[int, ...],
+                  config: SuppressionConfig) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """Per seed, (random latents, random unit direction); one stream per (seed, class, draw), so every class's
+    controls are reproducible on their own."""
+    draws = []
+    for s in range(config.control_seeds):
+        rng_latents = np.random.default_rng([config.seed, class_index, s, 0])
+        rng_direction = np.random.default_rng([config.seed, class_index, s, 1])
+        draws.append((matched_latents(model.frequency_S, latents, rng_latents, config.frequency_pool),
+                       random_direction(model.W_dec_SD.shape[1], rng_direction)))
+    return draws
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measures
+
+
+def patch_measures(patch: PatchBaseline, pred_N: torch.Tensor, class_index: int,
+                   groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Target change rate (class-c patches whose prediction changed), other change rate (other labelled patches),
+    target patch accuracy (class-c patches predicted c); NaN where a group is empty. `groups`: the (target, other)
+    token masks, when already made."""
+    target_N, other_N = groups if groups is not None else patch_groups(patch, class_index)
+    changed_N = pred_N != patch.pred_N
+    return {"target_change_rate": _mean(changed_N[target_N]), "other_change_rate": _mean(changed_N[other_N]),
+            "target_patch_accuracy": _mean(pred_N[target_N] == class_index)}
+
+
+def patch_groups(patch: PatchBaseline, class_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens of majority label c, tokens of any other label but 0)."""
+    target_N = patch.labels_N == class_index
+    return target_N, (patch.labels_N != 0) & ~target_N
+
+
+def pixel_measures(before: ConfusionMatrix, after: ConfusionMatrix, class_index: int) -> dict[str, float]:
+    """Target IoU and accuracy, and mIoU over the other classes present in the ground truth, before and after."""
+    others = before.present.copy()
+    others[class_index] = False
+    out = {}
+    for name, cm in (("before", before), ("after", after)):
+        iou = cm.iou()
+        out[f"target_iou_{name}"] = float(iou[class_index])
+        out[f"target_accuracy_{name}"] = float(cm.accuracy()[class_index])
+        out[f"other_miou_{name}"] = float(np.mean(iou[others])) if others.any() else math.nan
+    return out
+
+
+def most_moved(before: ConfusionMatrix, after: ConfusionMatrix, class_index: int, n: int = 5) -> list[dict]:
+    """The n other present classes whose IoU moved most (by absolute change)."""
+    from .ade20k import class_by_index
+
+    iou_b, iou_a = before.iou(), after.iou()
+    others = [c for c in np.flatnonzero(before.present) if c != class_index]
+    others.sort(key=lambda c: (-abs(iou_a[c] - iou_b[c]), c))
+    return [{"class_index": int(c), "class_key": class_by_index(int(c)).key, "iou_before": float(iou_b[c]),
+             "iou_after": float(iou_a[c]), "iou_change": float(iou_a[c] - iou_b[c])} for c in others[:n]]
+
+
+def is_class_specific(target: float, other: float, control_targets: list[float],
+                      config: SuppressionConfig = SuppressionConfig()) -> bool:
+    """target >= min_target_change, >= other_factor x other, >= control_factor x the larger control target."""
+    values = [target, other, *control_targets]
+    if any(not math.isfinite(v) for v in values):
+        return False
+    return (target >= config.min_target_change and target >= config.other_factor * other
+            and target >= config.control_factor * max(control_targets, default=0.0))
+
+
+def _mean(mask_or_values: torch.Tensor) -> float:
+    return float(mask_or_values.float().mean()) if mask_or_values.numel() else math.nan
+
+
+def _average(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = rows[0].keys() if rows else ()
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One class
+
+
+def evaluate_class(model: SuppressionModel, class_index: int, latents: tuple[int, ...],
+                   config: SuppressionConfig = SuppressionConfig()) -> dict:
+    """Everything the report of one class holds, as plain numbers (NaN where undefined)."""
+    with single_thread():
+        return _evaluate_class(model, class_index, latents, config)
+
+
+def _evaluate_class(model: SuppressionModel, class_index: int, latents: tuple[int, ...],
+                    config: SuppressionConfig) -> dict:
+    n_pixels = int(model.pixels_BC[:, class_index].sum())
+    n_patches = int((model.patch.labels_N == class_index).sum())
+    base = {"class_index": class_index, "latents": list(latents), "scale": float(config.scale), "mode": config.mode,
+            "target_pixels": n_pixels, "target_patches": n_patches, "config": asdict(config)}
+    if n_pixels == 0:
+        return {**base, "status": "absent_from_validation",
+                "reason": "no validation pixel carries this class: nothing to measure"}
+    if not latents:
+        return {**base, "status": "no_latents", "reason": "no latents were chosen for this class (see class_latents)"}
+    draws = control_draws(model, class_index, latents, config)
+    # Each latent set's columns are read once and serve every setting.
+    columns = {ls: model.codes.columns(ls) for ls in {latents, *(r for r, _ in draws)}}
+    groups = patch_groups(model.patch, class_index)
+    dose, shifts = [], {}
+    for mode, scale in config.settings():
+        edit = latent_edit(model, latents, scale, mode, columns[latents])
+        target_shift = edit_shift(model, edit)
+        random_shifts = [edit_shift(model, latent_edit(model, r, scale, mode, columns[r])) for r, _ in draws]
+        direction_shifts = [direction_shift(model, edit, u) for _, u in draws]
+        shifts[(mode, scale)] = (target_shift, random_shifts, direction_shifts)
+        row = {"mode": mode, "scale": scale, "active_tokens": len(edit.tokens_U),
+               **_patch_row(model, class_index, groups, target_shift, random_shifts, direction_shifts)}
+        row["specific"] = is_class_specific(row["target_change_rate"], row["other_change_rate"],
+                                            [row["random_latents_target_change_rate"],
+                                             row["random_direction_target_change_rate"]], config)
+        dose.append(row)
+    configured = next(r for r in dose if (r["mode"], r["scale"]) == (config.mode, float(config.scale)))
+    target_shift, random_shifts, direction_shifts = shifts[(config.mode, float(config.scale))]
+    after = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, target_shift))
+    pixel = pixel_measures(model.pixel_before, after, class_index)
+    controls = {}
+    for name, control_shifts in (("random_latents", random_shifts), ("random_direction", direction_shifts)):
+        rows = [pixel_measures(model.pixel_before, ConfusionMatrix.from_counts(
+            model.pixel.counts_after(model.patch, s)), class_index) for s in control_shifts]
+        controls[name] = {k: v for k, v in _average(rows).items() if k.endswith("_after")}
+    return {**base, "status": "evaluated", "reason": "",
+            "values": [float(v) for v in config.scale * model.max_activation_S[list(latents)]],
+            "metrics": {**pixel, **{k: v for k, v in configured.items() if k not in ("mode", "scale")}},
+            "controls": {"random_latents": {"latents_per_seed": [list(r) for r, _ in draws],
+                                            **controls["random_latents"]},
+                         "random_direction": controls["random_direction"]},
+            "specific": bool(configured["specific"]), "most_moved_other_classes": most_moved(
+                model.pixel_before, after, class_index), "dose_response": dose}
+
+
+def _patch_row(model: SuppressionModel, class_index: int, groups: tuple[torch.Tensor, torch.Tensor],
+               target: LogitShift, randoms: list[LogitShift], directions: list[LogitShift]) -> dict[str, float]:
+    def measure(shift: LogitShift) -> dict[str, float]:
+        return patch_measures(model.patch, model.patch.predictions_after(shift), class_index, groups)
+
+    row = measure(target)
+    for name, shifts in (("random_latents", randoms), ("random_direction", directions)):
+        row.update({f"{name}_{k}": v for k, v in _average([measure(s) for s in shifts]).items()})
+    return row
+
+
+def example_images(model: SuppressionModel, class_index: int, n: int = 3) -> list[int]:
+    """The validation images with the most class-c pixels (ties: lower index), those with none left out."""
+    counts = model.pixels_BC[:, class_index]
+    order = torch.argsort(-counts, stable=True)[:n]
+    return [int(i) for i in order if counts[i] > 0]
+
+
+def example_predictions(model: SuppressionModel, shift: LogitShift, images: list[int], crop: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel predictions (before, after) [n, crop, crop] of a few images, through metrics.pixel_predictions."""
+    from .metrics import grid_logits, pixel_predictions
+
+    P = model.grid * model.grid
+    tokens = (torch.cat([torch.arange(i * P, (i + 1) * P) for i in images]) if images
+              else torch.zeros(0, dtype=torch.long))
+    logits_TC = model.codes.logits_NC[tokens] + shift.dense(tokens)
+    after = pixel_predictions(grid_logits(logits_TC.reshape(len(images), P, -1), model.grid), crop)
+    return model.codes.pixel_pred_BHW[images].long(), after
+
+
+def load_model(sae_folder, probe_folder, stats_folder, codes_folder, val_cache) -> SuppressionModel:
+    """Reads the shared inputs once: decoder rows, probe, latent maxima and frequencies, validation codes, labels."""
+    from .latents import load_latent_stats
+    from .probe import load_probe
+    from .sae import load_sae
+    from .val_codes import load_val_codes
+
+    sae, sae_meta = load_sae(sae_folder)
+    probe = load_probe(probe_folder)
+    stats = load_latent_stats(stats_folder)
+    codes = load_val_codes(codes_folder)
+    made_for = {stats.meta.get("sae_sha256"), codes.meta.get("sae_sha256"), sae_meta.get("weights_sha256")} - {None}
+    if (codes.n_tokens != val_cache.n_tokens or stats.d_sae != sae.spec.d_sae or codes.d_sae != sae.spec.d_sae
+            or len(made_for) > 1):
+        raise ValueError(f"{codes_folder} / {stats_folder} do not match the SAE in {sae_folder} and the cache "
+                         f"{val_cache.path}: materialize latent_stats and val_codes again")
+    labels_N = torch.from_numpy(val_cache.read("patch_labels", 0, val_cache.n_images)).reshape(-1)
+    pixels_BHW = torch.from_numpy(val_cache.read("pixel_labels", 0, val_cache.n_images))
+    return SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, codes,
+                            labels_N, pixels_BHW, val_cache.grid)

@@ -1,0 +1,98 @@
+"""The README's `dagster asset materialize` commands as subprocesses against a fresh instance on tiny data: one class
+with everything upstream, the same class alone (reusing the upstream), then a range of classes in one run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from .conftest import write_tiny_ade20k, write_tiny_dinov2
+
+D_MODEL = 32  # the tiny Dinov2's hidden size
+DAGSTER = Path(sys.executable).with_name("dagster")
+
+
+def write_checkpoints(sae_folder: Path, probe_folder: Path, seed: int = 0) -> None:
+    """An SAE that reconstructs exactly (latents +q_i.x and -q_i.x for a random rotation Q, so the quality checks
+    pass and each seed gives other weights) and a random probe, for the tiny backbone: importing beats training."""
+    import torch
+
+    from saeseg_assets.core.probe import Probe, save_probe
+    from saeseg_assets.core.sae import Sae, SaeSpec, save_sae
+
+    generator = torch.Generator().manual_seed(seed)
+    rotation_DD = torch.linalg.qr(torch.randn(D_MODEL, D_MODEL, generator=generator))[0]
+    sae = Sae(SaeSpec("relu", D_MODEL, 2 * D_MODEL))
+    with torch.no_grad():
+        sae.W_enc_SD.copy_(torch.cat([rotation_DD, -rotation_DD]))
+        sae.W_dec_SD.copy_(torch.cat([rotation_DD, -rotation_DD]))
+    save_sae(sae, sae_folder, {"source": f"test SAE, seed {seed}"})
+    probe = Probe(torch.randn(151, D_MODEL, generator=generator), torch.zeros(151), {"source": "test probe"})
+    save_probe(probe_folder, probe)
+
+
+def tiny_env(root: Path, **settings: str) -> dict[str, str]:
+    """A fresh instance and data folder under `root`, tiny dataset and backbone; `settings` adds SAESEG_* values."""
+    write_tiny_ade20k(root / "ade", n_train=4, n_val=2)
+    backbone = write_tiny_dinov2(root / "tiny_dinov2")
+    (root / "dagster_home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAESEG_", "DAGSTER_"))}
+    env.update(DAGSTER_HOME=str(root / "dagster_home"), SAESEG_DATA=str(root / "data"),
+               SAESEG_ADE20K_ROOT=str(root / "ade"), SAESEG_BACKBONE=str(backbone), HF_HUB_OFFLINE="1",
+               # Two cores shared by the steps' processes: one thread each keeps torch from oversubscribing them.
+               OMP_NUM_THREADS="1", **settings)
+    return env
+
+
+def materialize(env: dict[str, str], *args: str) -> None:
+    command = [str(DAGSTER), "asset", "materialize", "-m", "saeseg_assets", *args]
+    done = subprocess.run(command, cwd=Path(env["DAGSTER_HOME"]).parent, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-4000:]}"
+
+
+def materializations(instance: dg.DagsterInstance, key: str, partition: str | None = None) -> int:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None),
+        limit=100).records
+    return len(records)
+
+
+@pytest.mark.slow
+def test_readme_cli_commands(tmp_path):
+    write_checkpoints(tmp_path / "ckpt" / "sae", tmp_path / "ckpt" / "probe")
+    env = tiny_env(tmp_path, SAESEG_SAE_CHECKPOINT=str(tmp_path / "ckpt" / "sae"),
+                   SAESEG_PROBE_CHECKPOINT=str(tmp_path / "ckpt" / "probe"))
+    data = tmp_path / "data"
+
+    materialize(env, "--select", "*suppression_report", "--partition", "010_grass")
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for key in ("train_activations", "val_activations", "sae_weights", "probe_checkpoint", "baseline_metrics",
+                    "latent_stats", "val_codes"):
+            assert materializations(instance, key) == 1, key
+        for key in ("class_latents", "suppression_report"):
+            assert materializations(instance, key, "010_grass") == 1, key
+        event = instance.get_latest_materialization_event(dg.AssetKey("suppression_report"))
+        assert event.asset_materialization.partition == "010_grass"
+        assert event.asset_materialization.metadata["status"].value == "evaluated"
+    assert (data / "suppression" / "010_grass.json").exists()
+
+    materialize(env, "--select", "suppression_report", "--partition", "010_grass")
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert materializations(instance, "suppression_report", "010_grass") == 2
+        assert materializations(instance, "sae_weights") == 1  # the upstream was reused, not redone
+        assert materializations(instance, "class_latents", "010_grass") == 1
+
+    materialize(env, "--select", "class_latents,suppression_report", "--partition-range", "001_wall...003_sky")
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        ranged = [r for r in instance.get_run_records() if r.dagster_run.tags.get(
+            "dagster/asset_partition_range_start") == "001_wall"]
+        assert len(ranged) == 1 and ranged[0].dagster_run.is_success  # three classes, one run
+        for key in ("001_wall", "002_building", "003_sky"):
+            assert materializations(instance, "suppression_report", key) == 1, key
+            assert materializations(instance, "class_latents", key) == 1, key
+    assert sorted(p.stem for p in (data / "suppression").glob("*.json")) == [
+        "001_wall", "002_building", "003_sky", "010_grass"]

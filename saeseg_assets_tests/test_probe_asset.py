@@ -1,0 +1,112 @@
+"""The `probe_checkpoint` and `baseline_metrics` assets on tiny synthetic caches: files, metadata, reuse, import,
+and proof that training and selection never read the validation cache."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+import torch
+
+from saeseg_assets.assets.probe import baseline_metrics, probe_checkpoint
+from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.core.checkpoints import CheckpointError
+from saeseg_assets.core.probe import BASELINE_COLUMNS, load_probe
+from saeseg_assets.resources import Backbone, Checkpoints, Storage
+
+from .test_probe import D_MODEL, _reference_file, write_toy_cache
+
+SMALL = {"lrs": [1e-5, 3e-2], "weight_decays": [1e-5], "epochs": 4, "batch_size": 8, "held_out_fraction": 0.34}
+
+
+@pytest.fixture
+def storage(tmp_path) -> Storage:
+    storage = Storage(data_dir=str(tmp_path / "data"))
+    write_toy_cache(storage.cache_path("training"), n_images=12, seed=0)
+    write_toy_cache(storage.cache_path("validation"), n_images=6, seed=1, split="validation")
+    return storage
+
+
+def _materialize(storage: Storage, assets=(probe_checkpoint, baseline_metrics), probe_config=SMALL,
+                 checkpoints: Checkpoints | None = None) -> dg.ExecuteInProcessResult:
+    return dg.materialize(list(assets), resources={"storage": storage, "backbone": Backbone(),
+                                                   "checkpoints": checkpoints or Checkpoints()},
+                          run_config={"ops": {"probe_checkpoint": {"config": probe_config}}}
+                          if probe_checkpoint in assets else None)
+
+
+def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
+    event = next(e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key))
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_assets_write_the_probe_and_the_baseline_table_then_reuse_the_probe(storage):
+    result = _materialize(storage)
+    probe_md, baseline_md = _metadata(result, "probe_checkpoint"), _metadata(result, "baseline_metrics")
+    assert (probe_md["lr"], probe_md["weight_decay"], probe_md["reused"]) == (3e-2, 1e-5, False)
+    assert probe_md["selection_miou"] > 0.8
+    assert probe_md["path"] == str(storage.path("probe", "probe.safetensors"))
+    assert probe_md["sweep"].startswith("| lr | weight_decay | selection_miou")
+    assert probe_md["sweep_heatmap"].startswith("![sweep](data:image/png;base64,")
+    assert load_probe(storage.path("probe")).d_model == D_MODEL
+
+    table = pd.read_csv(storage.path("baseline", "baseline_metrics.csv"))
+    assert list(table.columns) == list(BASELINE_COLUMNS)
+    assert baseline_md["n_classes_present"] == int(table["present"].sum()) == 4
+    assert baseline_md["miou"] == pytest.approx(table.loc[table["present"], "iou"].mean())
+    assert 0.5 < baseline_md["miou"] <= 1 and 0.5 < baseline_md["pixel_accuracy"] <= 1
+    assert "| class_key | iou |" in baseline_md["classes"] and "patch_accuracy" in baseline_md["classes"]
+    assert baseline_md["iou_chart"].startswith("![per-class IoU](data:image/png;base64,")
+    summary = json.loads(storage.path("baseline", "baseline_metrics.json").read_text())
+    assert summary["miou"] == pytest.approx(baseline_md["miou"])
+
+    weights = storage.path("probe", "probe.safetensors").read_bytes()
+    again = _materialize(storage)
+    assert _metadata(again, "probe_checkpoint")["reused"] is True
+    assert storage.path("probe", "probe.safetensors").read_bytes() == weights
+    other = _materialize(storage, probe_config={**SMALL, "epochs": 2})  # another config trains anew
+    assert _metadata(other, "probe_checkpoint")["reused"] is False
+
+
+def test_training_and_selection_never_read_validation(storage, monkeypatch):
+    paths_read = []
+    read = ActivationCache.read
+
+    def recording_read(self, name, start, stop):
+        paths_read.append(self.path)
+        return read(self, name, start, stop)
+
+    monkeypatch.setattr(ActivationCache, "read", recording_read)
+    _materialize(storage, assets=[probe_checkpoint])
+    assert set(paths_read) == {storage.cache_path("training")}
+    paths_read.clear()
+    _materialize(storage, assets=[baseline_metrics])
+    assert set(paths_read) == {storage.cache_path("validation")}
+
+
+def test_a_reference_probe_is_imported_from_config_or_resource(storage, tmp_path):
+    linear = torch.nn.Linear(D_MODEL, 151)
+    source = _reference_file(tmp_path / "ref_probe.pt", linear.state_dict(), {"lr": 1e-3})
+    for config, checkpoints in (({**SMALL, "import_path": str(source)}, None),
+                                (SMALL, Checkpoints(probe=str(source)))):
+        result = _materialize(storage, probe_config=config, checkpoints=checkpoints)
+        metadata = _metadata(result, "probe_checkpoint")
+        assert (metadata["source"], metadata["reused"], metadata["imported_from"]) == ("imported", False, str(source))
+        probe = load_probe(storage.path("probe"))
+        assert torch.equal(probe.weight_CD, linear.weight.detach())
+        assert "n_classes_present" in _metadata(result, "baseline_metrics")
+
+
+def test_a_probe_of_another_width_is_refused_and_the_old_one_kept(storage, tmp_path):
+    _materialize(storage, assets=[probe_checkpoint])
+    before = storage.path("probe", "probe.safetensors").read_bytes()
+    wide = _reference_file(tmp_path / "vitb_probe.pt", torch.nn.Linear(768, 151).state_dict(), {})
+    with pytest.raises(Exception) as info:
+        _materialize(storage, assets=[probe_checkpoint], probe_config={**SMALL, "import_path": str(wide)})
+    error = info.value
+    while not isinstance(error, CheckpointError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, CheckpointError) and "vitb_probe.pt" in str(error) and "768" in str(error)
+    assert storage.path("probe", "probe.safetensors").read_bytes() == before

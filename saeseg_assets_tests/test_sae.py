@@ -1,0 +1,236 @@
+"""The SAE: model, sparse TopK kernels, evaluation figures, checkpoint files (ours and the reference's)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saeseg_assets.core.checkpoints import CheckpointError
+from saeseg_assets.core.sae import Sae, SaeSpec, import_sae, load_sae, save_sae, sparse_decode, topk_encode
+from saeseg_assets.core.sae_eval import EvalTotals
+
+
+def _random_sae(architecture="topk", d_model=6, d_sae=20, k=3, seed=0, dtype=torch.float32) -> Sae:
+    torch.manual_seed(seed)
+    sae = Sae(SaeSpec(architecture, d_model, d_sae, k if architecture == "topk" else 0)).to(dtype)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p))
+    return sae
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+def test_topk_keeps_the_k_largest_pre_activations_and_relus_them():
+    # d_model 2, four latents; pre-activations of x = (1, 2) are (1, 2, -1, 3) + b_enc = (1, 2, -1, -0.5).
+    sae = Sae(SaeSpec("topk", d_model=2, d_sae=4, k=3))
+    with torch.no_grad():
+        sae.W_enc_SD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]]))
+        sae.b_enc_S.copy_(torch.tensor([0.0, 0.0, 0.0, -3.5]))
+        sae.W_dec_SD.copy_(torch.eye(4, 2))
+    codes = sae.encode(torch.tensor([[1.0, 2.0]]))
+    # The top 3 are latents 1, 0 and 3 (2, 1, -0.5); latent 3 is selected but ReLU'd to 0.
+    assert codes.tolist() == [[1.0, 2.0, 0.0, 0.0]]
+    vals, idx = sae.encode_topk(torch.tensor([[1.0, 2.0]]))
+    assert sorted(zip(idx[0].tolist(), vals[0].tolist())) == [(0, 1.0), (1, 2.0), (3, 0.0)]
+    assert sae(torch.tensor([[1.0, 2.0]])).tolist() == [[1.0, 2.0]]
+
+
+def test_relu_is_the_reference_formula():
+    sae = _random_sae("relu")
+    x = torch.randn(5, 6)
+    f = F.relu((x - sae.b_dec_D) @ sae.W_enc_SD.T + sae.b_enc_S)
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ sae.W_dec_SD + sae.b_dec_D)
+
+
+def _dense_topk_sae_loss(x, W_enc, b_enc, b_dec, W_dec, k, dead, k_aux):
+    """The same computation with dense tensors and plain autograd: the reference for the sparse kernels."""
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    idx = pre.topk(k, dim=1).indices
+    codes = torch.zeros_like(pre).scatter(1, idx, F.relu(pre.gather(1, idx)))
+    x_hat = codes @ W_dec + b_dec
+    masked = pre.masked_fill(~dead, float("-inf"))
+    aux_idx = masked.topk(k_aux, dim=1).indices
+    aux_codes = torch.zeros_like(pre).scatter(1, aux_idx, F.relu(pre.gather(1, aux_idx)))
+    return (x - x_hat).pow(2).sum() + 0.5 * (aux_codes @ W_dec - x).pow(2).sum()
+
+
+def test_sparse_kernels_give_the_gradients_of_the_dense_computation():
+    torch.manual_seed(0)
+    sae = _random_sae(dtype=torch.float64, d_model=5, d_sae=16, k=4)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 9, 10, 15]] = True
+    vals, idx, aux_vals, aux_idx = topk_encode(x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, 4, dead, 2)
+    x_hat = sae.decode_sparse(vals, idx)
+    aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec_SD)
+    assert set(aux_idx.unique().tolist()) <= {1, 4, 9, 10, 15}
+    sparse_loss = (x - x_hat).pow(2).sum() + 0.5 * (aux_hat - x).pow(2).sum()
+    params = [x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, sae.W_dec_SD]
+    sparse_grads = torch.autograd.grad(sparse_loss, params)
+    dense_loss = _dense_topk_sae_loss(x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, sae.W_dec_SD, 4, dead, 2)
+    dense_grads = torch.autograd.grad(dense_loss, params)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+
+
+def test_topk_encode_passes_gradcheck():
+    torch.manual_seed(1)
+    sae = _random_sae(dtype=torch.float64, d_model=4, d_sae=10, k=3)
+    dead = torch.arange(10) % 3 == 0
+    inputs = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True), sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D)
+    assert torch.autograd.gradcheck(lambda *a: [t for t in topk_encode(*a, 3, dead, 2) if t.is_floating_point()],
+                                    inputs)
+
+
+def test_decoder_steps_stay_on_unit_rows():
+    sae = Sae.initialized(SaeSpec("topk", 4, 8, 2), torch.zeros(4), seed=0)
+    torch.testing.assert_close(sae.W_dec_SD.norm(dim=1), torch.ones(8))
+    torch.testing.assert_close(sae.W_enc_SD, sae.W_dec_SD)  # encoder = decoder transposed (in file layout)
+    sae.W_dec_SD.grad = torch.randn(8, 4) + 3 * sae.W_dec_SD.detach()
+    sae.remove_parallel_decoder_grad_()
+    torch.testing.assert_close((sae.W_dec_SD.grad * sae.W_dec_SD).sum(1), torch.zeros(8), atol=1e-6, rtol=0)
+
+
+# --- evaluation figures -------------------------------------------------------------------------------------
+
+def _fvu(batches) -> float:
+    totals = EvalTotals(d_model=2, d_sae=3)
+    for x, x_hat in batches:
+        totals.add(torch.as_tensor(x), torch.as_tensor(x_hat), torch.zeros(3))
+    return totals.metrics().fvu
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e7])  # a far-off mean must not cancel the variance away
+def test_fvu_is_one_for_the_mean_and_zero_for_a_perfect_reconstruction(offset):
+    x = torch.randn(50, 2, dtype=torch.float64) * torch.tensor([3.0, 0.5]) + torch.tensor([10.0, -4.0]) + offset
+    mean = x.mean(0).expand_as(x)
+    assert _fvu([(x[:20], mean[:20]), (x[20:], mean[20:])]) == pytest.approx(1.0)
+    assert _fvu([(x[:20], x[:20]), (x[20:], x[20:])]) == 0.0
+
+
+def test_fvu_by_hand_uses_the_mean_of_the_whole_set():
+    # Points (0,0), (2,0), (0,2), (2,2): mean (1,1), sum ||x - mean||^2 = 4 * 2 = 8.
+    # The last point is reconstructed as (1,1): squared error 2, so FVU = 2 / 8 = 0.25.
+    # Per-batch means would give 2 / (2 + 2) = 0.5; variance around zero would give 2 / 16 = 0.125.
+    batches = [([[0.0, 0.0], [2.0, 0.0]], [[0.0, 0.0], [2.0, 0.0]]),
+               ([[0.0, 2.0], [2.0, 2.0]], [[0.0, 2.0], [1.0, 1.0]])]
+    assert _fvu(batches) == pytest.approx(0.25)
+
+
+def test_sparsity_figures_count_tokens_and_latents():
+    totals = EvalTotals(d_model=1, d_sae=4)
+    # 200 tokens; latent 0 fires on all, latent 1 on 2 (1% exactly: not dense), latent 2 on 3, latent 3 never.
+    active = torch.zeros(200, 4, dtype=torch.bool)
+    active[:, 0] = True
+    active[:2, 1] = True
+    active[:3, 2] = True
+    x = torch.randn(200, 1)
+    totals.add(x, x, active.sum(0))
+    m = totals.metrics()
+    assert (m.l0, m.dead_fraction, m.dense_fraction, m.mse, m.n_tokens) == (205 / 200, 0.25, 0.5, 0.0, 200)
+
+
+# --- checkpoint files ---------------------------------------------------------------------------------------
+
+def test_our_format_round_trips_and_binds_the_json_to_the_weights(tmp_path):
+    sae = _random_sae()
+    save_sae(sae, tmp_path, {"tokens_trained": 123})
+    meta = json.loads((tmp_path / "sae.json").read_text())
+    assert (meta["architecture"], meta["d_model"], meta["d_sae"], meta["k"]) == ("topk", 6, 20, 3)
+    from safetensors.torch import load_file
+
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "sae.safetensors").items()}
+    assert shapes == {"W_enc": (6, 20), "b_enc": (20,), "W_dec": (20, 6), "b_dec": (6,)}
+    for path in (tmp_path, tmp_path / "sae.safetensors", tmp_path / "sae.json"):
+        loaded, loaded_meta = load_sae(path)
+        x = torch.randn(4, 6)
+        torch.testing.assert_close(loaded(x), sae(x))
+        assert loaded_meta["tokens_trained"] == 123
+    # Weights replaced without their JSON (a torn write) are noticed.
+    save_sae(_random_sae(seed=1), tmp_path / "other", {})
+    os.replace(tmp_path / "other" / "sae.safetensors", tmp_path / "sae.safetensors")
+    with pytest.raises(CheckpointError, match="does not describe"):
+        load_sae(tmp_path)
+
+
+def _write_reference(path, header: dict, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes((json.dumps(header) + "\n").encode() + buffer.getvalue())
+
+
+def _reference_state(sae: Sae) -> dict:
+    return {k: v.clone() for k, v in sae.file_tensors().items()}
+
+
+@pytest.mark.parametrize("header, architecture, k", [
+    # The original files: the flat config of a ReLU SAE.
+    ({"d_vit": 6, "exp_factor": 4, "sparsity_coeff": 4e-4, "ghost_grads": False, "seed": 0}, "relu", 0),
+    # Schema 1: {"schema", "cfg", "cls"}.
+    ({"schema": 1, "cfg": {"d_vit": 6, "exp_factor": 4, "top_k": 5}, "cls": "TopK", "commit": "x"}, "topk", 5),
+    # Schema 2: the activation inside the config.
+    ({"schema": 2, "cfg": {"d_vit": 6, "exp_factor": 4, "activation": {"cls": "Relu", "params": {}}}}, "relu", 0),
+])
+def test_reference_checkpoints_load_in_every_header_form(tmp_path, header, architecture, k):
+    sae = _random_sae(architecture, d_model=6, d_sae=24, k=k)
+    path = tmp_path / "sae.pt"
+    _write_reference(path, header, _reference_state(sae))
+    loaded, meta = load_sae(path)
+    assert (loaded.spec.architecture, loaded.spec.d_sae, loaded.spec.k) == (architecture, 24, k)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(loaded(x), sae(x))
+    assert meta["source_format"] == "reference sae.pt"
+
+
+class _RunsCode:
+    """A pickled object that runs a shell command when unpickled without restrictions."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_reference_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "sae.pt"
+    state = {**_reference_state(_random_sae(d_model=6, d_sae=24)), "W_enc": _RunsCode(f"touch {marker}")}
+    _write_reference(path, {"d_vit": 6, "exp_factor": 4}, state)
+    with pytest.raises(CheckpointError, match=r"sae\.pt: refused"):
+        load_sae(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        import_sae(path, tmp_path / "out", d_model=6, cache_path=tmp_path / "cache.zarr")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+    # The payload is live: an unrestricted load would have run it.
+    torch.load(io.BytesIO(path.read_bytes().split(b"\n", 1)[1]), weights_only=False)
+    assert marker.exists()
+
+
+def test_import_refuses_a_checkpoint_of_another_width_naming_the_file(tmp_path):
+    path = tmp_path / "sae.pt"
+    _write_reference(path, {"d_vit": 6, "exp_factor": 4}, _reference_state(_random_sae("relu", d_model=6, d_sae=24)))
+    save_sae(_random_sae(d_model=8, d_sae=16), tmp_path / "out", {"note": "previous good weights"})
+    before = (tmp_path / "out" / "sae.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=rf"{path}: the SAE encodes d_model = 6, .*cache.zarr holds d_model = 8"):
+        import_sae(path, tmp_path / "out", d_model=8, cache_path=tmp_path / "cache.zarr")
+    assert (tmp_path / "out" / "sae.safetensors").read_bytes() == before
+    sae, meta = import_sae(path, tmp_path / "out", d_model=6, cache_path=tmp_path / "cache.zarr")
+    assert meta["imported_from"] == str(path.resolve()) and sae.spec.architecture == "relu"
+
+
+def test_unsupported_reference_activation_is_named(tmp_path):
+    path = tmp_path / "sae.pt"
+    header = {"schema": 1, "cfg": {"d_vit": 6, "exp_factor": 4, "top_k": 5}, "cls": "BatchTopK"}
+    _write_reference(path, header, _reference_state(_random_sae(d_model=6, d_sae=24)))
+    with pytest.raises(CheckpointError, match="'BatchTopK' is not supported"):
+        load_sae(path)

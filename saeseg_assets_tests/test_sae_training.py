@@ -1,0 +1,202 @@
+"""Training the SAE: it learns, saved weights act on raw activations, a killed run resumes, a finished one is reused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
+from saeseg_assets.core.sae_config import TrainConfig
+from saeseg_assets.core.sae_eval import evaluate_sae
+from saeseg_assets.core.sae_training import (
+    STATE_FILE,
+    _learning_rate,
+    _loss,
+    _token_stream,
+    _unscaled,
+    fit_sae,
+    train_sae,
+)
+from saeseg_assets.core.synthetic import write_sparse_cache
+
+# 32 images x 64 patches = 2,048 tokens of width 32, each the mean plus 4 of 128 directions.
+TINY = TrainConfig(expansion=4, k=8, batch_size=128, train_tokens=128 * 150, lr=1e-2, warmup_steps=10,
+                   decay_fraction=0.2, buffer_images=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from threads, and on a busy machine thread hand-offs cost more than the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def caches(tmp_path):
+    train = write_sparse_cache(tmp_path / "training.zarr", n_images=32, seed=0)
+    val = write_sparse_cache(tmp_path / "validation.zarr", n_images=8, seed=1, split="validation")
+    return train, val
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("config", [TINY, replace(TINY, architecture="relu", l1_coeff=3e-3)], ids=["topk", "relu"])
+def test_training_learns_the_sparse_structure(caches, tmp_path, config):
+    train, val = caches
+    run = train_sae(train, config, tmp_path / "state.safetensors", log=_quiet)
+    metrics = evaluate_sae(run.sae, val)
+    assert metrics.fvu < 0.25, metrics
+    assert metrics.dead_fraction <= 0.1, metrics
+    if config.architecture == "topk":
+        assert metrics.l0 <= 8
+    assert run.history[0]["fvu"] > run.history[-1]["fvu"]
+    assert run.tokens_trained == 150 * 128 and run.history[-1]["tokens"] == 150 * 128
+    assert torch.allclose(run.sae.W_dec_SD.norm(dim=1), torch.ones(128), atol=1e-5)
+
+
+def test_the_input_scale_is_folded_into_the_weights():
+    torch.manual_seed(0)
+    sae = Sae(SaeSpec("topk", 5, 12, 3))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p))
+    raw = _unscaled(sae, scale=7.0)
+    x = torch.randn(9, 5) * 7.0
+    # Trained on x / 7: the raw model reconstructs x itself, with codes in raw units and the same decoder rows.
+    torch.testing.assert_close(raw(x), 7.0 * sae(x / 7.0))
+    torch.testing.assert_close(raw.encode(x), 7.0 * sae.encode(x / 7.0))
+    torch.testing.assert_close(raw.W_dec_SD, sae.W_dec_SD)
+
+
+def test_learning_rate_warms_up_holds_and_decays():
+    config = TrainConfig(lr=1.0, warmup_steps=4, decay_fraction=0.5, batch_size=1, train_tokens=20)
+    lrs = [_learning_rate(config, step) for step in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4:10] == [1.0] * 6
+    assert lrs[10:] == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+
+
+def test_a_resumed_stream_continues_with_the_same_batches(caches):
+    train, _ = caches
+    config = replace(TINY, batch_size=256)  # 8 batches per pass
+    fresh = _token_stream(train, config, epoch=0, skip=0)
+    first = [next(fresh) for _ in range(12)]
+    resumed = _token_stream(train, config, epoch=0, skip=5)
+    again = [next(resumed) for _ in range(7)]
+    assert [(e, i) for e, i, _ in first[5:]] == [(e, i) for e, i, _ in again] == \
+        [(0, 5), (0, 6), (0, 7), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(first[5:], again))
+    assert not torch.equal(first[0][2], first[8][2])  # each pass is shuffled anew
+
+
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    from saeseg_assets.core.cache import ActivationCache
+    from saeseg_assets.core.sae_config import TrainConfig
+    from saeseg_assets.core.sae_training import train_sae
+
+    cache, config, state, kill_at = sys.argv[1:]
+    torch.set_num_threads(1)  # as in the test process: equal threads give equal sums
+
+    def die(step):
+        if step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train_sae(ActivationCache(cache), TrainConfig(**json.loads(config)), Path(state), log=print,
+              save_every_steps=20, save_every_s=1e9, after_step=die)
+""")
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path):
+    train, _ = caches
+    config = replace(TINY, train_tokens=128 * 60)
+    state = tmp_path / STATE_FILE
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(train.path), json.dumps(asdict(config)),
+                             str(state), "47"], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert state.exists()  # the last save was at step 40; steps 41..47 are lost and redone
+
+    resumed = train_sae(train, config, state, log=_quiet, save_every_steps=20, save_every_s=1e9)
+    assert resumed.resumed_at_step == 40
+    uninterrupted = train_sae(train, config, tmp_path / "other_state.safetensors", log=_quiet)
+    # Same batches in the same order from the same saved model and optimizer state: equal, bit for bit.
+    for name, tensor in uninterrupted.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[name], tensor), name
+    assert resumed.history == [{**row, "seconds": r["seconds"]}
+                               for row, r in zip(uninterrupted.history, resumed.history)]
+
+
+def test_a_state_of_other_settings_is_not_resumed(caches, tmp_path):
+    train, _ = caches
+    state = tmp_path / STATE_FILE
+    config = replace(TINY, train_tokens=128 * 30)
+    train_sae(train, config, state, log=_quiet, save_every_steps=10, save_every_s=1e9)
+    assert state.exists()  # saved at steps 10 and 20 (never after the last step)
+    messages = []
+    run = train_sae(train, replace(config, seed=1), state, log=messages.append)
+    assert run.resumed_at_step == 0 and not any("resuming" in m for m in messages)
+
+
+def test_a_finished_training_is_reused_and_other_settings_retrain(caches, tmp_path):
+    train, _ = caches
+    folder = tmp_path / "sae"
+    first = fit_sae(train, TINY, folder, log=_quiet)
+    assert not first.reused and not (folder / STATE_FILE).exists()
+    meta = json.loads((folder / "sae.json").read_text())
+    assert meta["source_cache"]["fingerprint"] == train.fingerprint
+    assert (meta["tokens_trained"], meta["training"]["k"], meta["architecture"]) == (150 * 128, 8, "topk")
+    again = fit_sae(train, TINY, folder, log=_quiet)
+    assert again.reused and again.meta["weights_sha256"] == first.meta["weights_sha256"]
+    other = fit_sae(train, replace(TINY, train_tokens=128 * 20), folder, log=_quiet)
+    assert not other.reused and load_sae(folder)[1]["tokens_trained"] == 128 * 20
+
+
+def test_auxk_gives_dead_latents_a_gradient_towards_the_residual():
+    torch.manual_seed(0)
+    sae = Sae.initialized(SaeSpec("topk", 8, 64, 4), torch.zeros(8), seed=0)
+    x = torch.randn(8, 8)
+    with torch.no_grad():
+        fired = sae.encode_topk(x)[1].unique()  # at most 8 x 4 of the 64 latents
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[fired] = False  # the latents that fire on none of these tokens
+    grads = {}
+    for aux_coeff in (0.0, 1 / 32):
+        sae.zero_grad()
+        loss, _ = _loss(sae, x, replace(TINY, k=4, aux_coeff=aux_coeff), dead, k_aux=4)
+        loss.backward()
+        grads[aux_coeff] = sae.W_enc_SD.grad[dead].abs().sum(1)
+    assert (grads[0.0] == 0).all()  # TopK alone never reaches a latent that does not fire
+    assert (grads[1 / 32] > 0).sum() >= 4  # AuxK does, for the dead latents it picks
+
+
+def test_bf16_autocast_trains(caches, tmp_path):
+    train, val = caches
+    run = train_sae(train, replace(TINY, bf16=True, train_tokens=128 * 40), tmp_path / "s", log=_quiet)
+    assert all(torch.isfinite(p).all() for p in run.sae.parameters())
+    assert evaluate_sae(run.sae, val).fvu < 0.9
+
+
+def test_batch_larger_than_the_cache_is_refused(caches, tmp_path):
+    train, _ = caches
+    with pytest.raises(ValueError, match="batch_size 4096 exceeds the 2048 tokens"):
+        train_sae(train, replace(TINY, batch_size=4096), tmp_path / "s", log=_quiet)
+
+
+def test_settings_the_architecture_ignores_do_not_change_the_key():
+    assert TINY.key("abc") == replace(TINY, l1_coeff=0.5).key("abc")
+    assert TINY.key("abc") != replace(TINY, k=9).key("abc") != TINY.key("abd")
+    relu = replace(TINY, architecture="relu")
+    assert relu.key("abc") == replace(relu, k=9, aux_coeff=0.0).key("abc") != replace(relu, l1_coeff=0.5).key("abc")

@@ -1,0 +1,229 @@
+"""The suppression core on hand-made SAEs and probes: the formula, the logit shortcut, the exact fast evaluation,
+controls, the class-specificity rule, absent classes and the report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from saeseg_assets.core.ade20k import CLASSES
+from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.logit_shift import LogitShift, PatchBaseline, PixelBaseline
+from saeseg_assets.core.metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
+from saeseg_assets.core.probe import Probe
+from saeseg_assets.core.sae import Sae, SaeSpec
+from saeseg_assets.core import suppression as sp
+from saeseg_assets.core.suppression_config import MODES
+from saeseg_assets.core.suppression_report import (best_setting, json_safe, key_from_path, read_reports,
+                                                   report_path, specific_counts, dose_table)
+from saeseg_assets.core.val_codes import compute_val_codes
+
+QUIET = dict(log=lambda _: None)
+
+
+def write_val_cache(path, acts_BPD, labels_Bhw, patch_size=2) -> ActivationCache:
+    n, p, d = acts_BPD.shape
+    grid = int(round(p ** 0.5))
+    settings = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=patch_size * grid,
+                             patch_size=patch_size, d_model=d, dataset_root="/nowhere", split="validation",
+                             preprocessing="none", dtype="float32")
+    writer = CacheWriter(path, settings, [f"val{i}" for i in range(n)], chunk_images=n)
+    pixels = np.repeat(np.repeat(labels_Bhw, patch_size, 1), patch_size, 2)
+    writer.write_chunk(0, acts_BPD.astype(np.float32), labels_Bhw, np.ones(labels_Bhw.shape, np.float32), pixels)
+    return ActivationCache(writer.finish())
+
+
+def basis_sae() -> Sae:
+    """ReLU SAE on 4 dims: latents 0..3 are the basis directions (threshold 0.1), latents 4, 5 never fire."""
+    sae = Sae(SaeSpec("relu", 4, 6))
+    W = torch.zeros(6, 4)
+    W[:4] = torch.eye(4)
+    W[4:] = torch.nn.functional.normalize(torch.ones(2, 4), dim=1)
+    with torch.no_grad():
+        sae.W_dec_SD.copy_(W)
+        sae.W_enc_SD.copy_(W)
+        sae.b_enc_S.copy_(torch.tensor([-0.1, -0.1, -0.1, -0.1, -100.0, -100.0]))
+    return sae
+
+
+def tiny_world(tmp_path):
+    """3 images of 2x2 patches. Class 10 (grass) tokens are 3 e0, class 3 tokens 3 e1, class 21 tokens 3 e2, wall (1)
+    tokens 0. The probe reads grass from e0, class 3 from e1, class 21 from e2, and says wall (bias 0.5) otherwise."""
+    labels = np.array([[[10, 10], [10, 10]], [[3, 3], [1, 1]], [[21, 1], [21, 1]]], dtype=np.uint8)
+    slot = {10: 0, 3: 1, 21: 2}
+    acts = np.zeros((3, 4, 4), dtype=np.float32)
+    for b in range(3):
+        for p, label in enumerate(labels[b].reshape(-1)):
+            if label in slot:
+                acts[b, p, slot[label]] = 3.0
+    cache = write_val_cache(tmp_path / "val.zarr", acts, labels)
+    sae = basis_sae()
+    weight, bias = torch.zeros(151, 4), torch.zeros(151)
+    for label, j in slot.items():
+        weight[label, j] = 1.0
+    bias[1] = 0.5
+    probe = Probe(weight, bias)
+    codes = compute_val_codes(sae, probe, cache, **QUIET)
+    max_act = np.array([2.9, 2.9, 2.9, 0.0, 0.0, 0.0])
+    freq = np.array([0.33, 0.17, 0.17, 0.0, 0.0, 0.0])
+    pixels = torch.from_numpy(cache.read("pixel_labels", 0, 3))
+    model = sp.SuppressionModel(sae.W_dec_SD.detach(), weight, max_act, freq, codes,
+                                torch.from_numpy(labels).reshape(-1), pixels, cache.grid)
+    return sae, probe, cache, model
+
+
+def test_baseline_of_the_tiny_world(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    assert model.patch.pred_N.tolist() == [10, 10, 10, 10, 3, 3, 1, 1, 21, 1, 21, 1]
+    assert model.pixel_before.iou()[10] == 1.0
+
+
+def test_a_latent_that_never_fires_with_scale_zero_changes_nothing(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    shift = sp.edit_shift(model, sp.latent_edit(model, (5,), 0.0, "every_token"))
+    assert not shift.shift_C.any() and len(shift.rows_M) == 0
+    assert torch.equal(model.patch.predictions_after(shift), model.patch.pred_N)
+    assert torch.equal(model.pixel.counts_after(model.patch, shift), model.pixel.counts_KK)
+    report = sp.evaluate_class(model, 10, (5,), sp.SuppressionConfig(scale=0.0, control_seeds=2))
+    assert report["metrics"]["target_change_rate"] == 0.0 and report["metrics"]["other_change_rate"] == 0.0
+    assert report["metrics"]["target_iou_after"] == report["metrics"]["target_iou_before"] == 1.0
+
+
+def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    # Ablation: grass tokens keep only the error term 0.1 e0, whose grass logit 0.1 loses to the wall bias 0.5.
+    shift = sp.edit_shift(model, sp.latent_edit(model, (0,), 0.0, "every_token"))
+    after = model.patch.predictions_after(shift)
+    changed = (after != model.patch.pred_N).nonzero().squeeze(1).tolist()
+    fires = model.codes.column(0)[0].tolist()
+    assert changed == fires == [0, 1, 2, 3]
+    assert after[:4].tolist() == [1, 1, 1, 1]
+    counts = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, shift))
+    assert counts.iou()[10] == 0.0 and counts.accuracy()[3] == 1.0
+    # At scale -2 every token gets -5.8 e0: only grass can lose, so the effect stays on grass.
+    report = sp.evaluate_class(model, 10, (0,), sp.SuppressionConfig(control_seeds=2))
+    m = report["metrics"]
+    assert (m["target_change_rate"], m["other_change_rate"], m["target_patch_accuracy"]) == (1.0, 0.0, 0.0)
+    assert (m["target_iou_before"], m["target_iou_after"], m["target_accuracy_after"]) == (1.0, 0.0, 0.0)
+    # Former grass pixels are now called wall: only wall's IoU moves among the other classes.
+    moved = report["most_moved_other_classes"]
+    assert moved[0]["class_key"] == "001_wall" and moved[0]["iou_change"] < 0
+    assert all(row["iou_change"] == 0 for row in moved[1:])
+
+
+def test_shortcut_equals_the_explicit_form(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    d, S = 8, 24
+    sae = Sae(SaeSpec("topk", d, S, 4))
+    with torch.no_grad():
+        sae.W_enc_SD.copy_(torch.randn(S, d, generator=gen))
+        sae.W_dec_SD.copy_(torch.nn.functional.normalize(torch.randn(S, d, generator=gen), dim=1))
+        sae.b_dec_D.copy_(torch.randn(d, generator=gen))
+    probe = Probe(torch.randn(151, d, generator=gen), torch.randn(151, generator=gen))
+    acts = torch.randn(4, 9, d, generator=gen).numpy()
+    labels = np.random.default_rng(0).choice([0, 3, 10], size=(4, 3, 3)).astype(np.uint8)
+    cache = write_val_cache(tmp_path / "val.zarr", acts, labels)
+    codes = compute_val_codes(sae, probe, cache, **QUIET)
+    max_act = np.abs(np.random.default_rng(1).standard_normal(S)) + 1
+    pixels = torch.from_numpy(cache.read("pixel_labels", 0, 4))
+    model = sp.SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, max_act, np.full(S, 0.1), codes,
+                                torch.from_numpy(labels).reshape(-1), pixels, 3)
+    x_ND = torch.from_numpy(acts.reshape(-1, d))
+    most_frequent = int(codes.indptr_S1.diff().argmax())
+    latents = (most_frequent, *[i for i in (5, 11) if i != most_frequent])
+    for mode in MODES:
+        for scale in (-2.0, 0.0, 0.5):
+            edit = sp.latent_edit(model, latents, scale, mode)
+            with torch.no_grad():
+                explicit = sp.edited_activations(sae, x_ND, latents, edit.values_L, mode)
+                explicit_logits = explicit @ probe.weight_CD.T + probe.bias_C
+                delta = explicit - x_ND
+            shortcut = codes.logits_NC + sp.edit_shift(model, edit).dense(torch.arange(len(x_ND)))
+            torch.testing.assert_close(shortcut, explicit_logits, atol=1e-4, rtol=1e-5)
+            rest, norms_U = sp.edit_norms(model, edit)
+            norms = torch.full((len(x_ND),), rest)
+            norms[edit.tokens_U] = norms_U
+            torch.testing.assert_close(norms, delta.norm(dim=1), atol=1e-4, rtol=1e-5)
+
+
+def test_fast_evaluation_equals_full_recomputation():
+    gen = torch.Generator().manual_seed(3)
+    n_images, grid, crop = 6, 4, 56
+    # Smooth class maps (blobs) with noise, so windows are a mix of uncontested and contested ones.
+    base = torch.randn(n_images, 151, 2, 2, generator=gen) * 3
+    logits_BCgg = torch.nn.functional.interpolate(base, size=(grid, grid), mode="bilinear", align_corners=False)
+    logits_NC = (logits_BCgg + 0.3 * torch.randn(logits_BCgg.shape, generator=gen)).permute(0, 2, 3, 1).reshape(-1, 151)
+    labels_N = torch.randint(0, 6, (len(logits_NC),), generator=gen)
+    pixel_labels = torch.randint(0, 6, (n_images, crop, crop), generator=gen)
+    pixel_pred = pixel_predictions(grid_logits(logits_NC.reshape(n_images, -1, 151), grid), crop)
+    patch = PatchBaseline.build(logits_NC, labels_N)
+    pixel = PixelBaseline.build(logits_NC, pixel_labels, pixel_pred, grid)
+    assert torch.equal(pixel.counts_KK, ConfusionMatrix().update(pixel_pred, pixel_labels).counts_KK)
+    for trial, (shift_scale, n_rows) in enumerate([(0.0, 0), (0.0, 7), (0.5, 0), (2.0, 5), (8.0, 30)]):
+        rows = torch.unique(torch.randint(0, len(logits_NC), (n_rows,), generator=gen))
+        shift = LogitShift(torch.randn(151, generator=gen) * shift_scale, rows,
+                           torch.randn(len(rows), 151, generator=gen) * 3)
+        dense = logits_NC + shift.dense(torch.arange(len(logits_NC)))
+        assert torch.equal(patch.predictions_after(shift), patch_predictions(dense)), trial
+        expected = ConfusionMatrix().update(pixel_predictions(grid_logits(dense.reshape(n_images, -1, 151), grid),
+                                                              crop), pixel_labels).counts_KK
+        # Bilinear sums in another order may split an exact tie differently: allow a handful of pixels.
+        assert int((pixel.counts_after(patch, shift) - expected).abs().sum()) <= 2, trial
+
+
+def test_controls_are_deterministic_and_frequency_matched(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    config = sp.SuppressionConfig(control_seeds=3, frequency_pool=1)
+    first, again = (sp.control_draws(model, 10, (0,), config) for _ in range(2))
+    assert [r for r, _ in first] == [r for r, _ in again]
+    assert all(torch.equal(u, v) for (_, u), (_, v) in zip(first, again))
+    # Pool 1: the nearest other latent in firing frequency (0.33 -> 0.17, the lower id first).
+    assert all(r == (1,) for r, _ in first)
+    assert all(abs(float(u.norm()) - 1) < 1e-6 for _, u in first)
+    other_seed = sp.control_draws(model, 10, (0,), sp.SuppressionConfig(control_seeds=3, seed=1))
+    assert not all(torch.equal(u, v) for (_, u), (_, v) in zip(first, other_seed))
+    freq = np.array([0.5, 0.01, 0.011, 0.2, 0.49, 0.009])
+    rng = np.random.default_rng(0)
+    assert sp.matched_latents(freq, (1, 0), rng, pool=1) == (2, 4)
+
+
+def test_class_specific_rule():
+    rule = sp.is_class_specific
+    assert rule(0.6, 0.19, [0.3, 0.1])  # 0.6 >= 0.5, >= 3 x 0.19, >= 2 x 0.3
+    assert not rule(0.49, 0.0, [0.0, 0.0])  # too few target patches change
+    assert not rule(0.6, 0.21, [0.0, 0.0])  # less than 3x the other change rate
+    assert not rule(0.6, 0.0, [0.1, 0.31])  # less than 2x the larger control
+    assert not rule(math.nan, 0.0, [0.0, 0.0])
+
+
+def test_absent_and_unchosen_classes(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    absent = sp.evaluate_class(model, 150, (0,))
+    assert absent["status"] == "absent_from_validation" and absent["target_pixels"] == 0
+    unchosen = sp.evaluate_class(model, 3, ())
+    assert unchosen["status"] == "no_latents"
+
+
+def test_report_files_round_trip_partition_keys(tmp_path):
+    for ade_class in CLASSES:
+        assert key_from_path(report_path(tmp_path, ade_class.key)) == ade_class.key
+    for key, index in (("029_rug", 29), ("010_grass", 10)):
+        report_path(tmp_path, key).write_text(json.dumps({"class_key": key, "class_index": index}))
+    (tmp_path / "notes.json").write_text("{}")
+    assert [r["class_key"] for r in read_reports(tmp_path)] == ["010_grass", "029_rug"]
+    assert json_safe({"a": math.nan, "b": [1.0, math.inf]}) == {"a": None, "b": [1.0, None]}
+
+
+def test_summary_counts_and_best_setting():
+    def report(key, rows):
+        return {"class_key": key, "status": "evaluated", "dose_response": [
+            {"mode": m, "scale": s, "target_change_rate": t, "other_change_rate": o, "specific": spec}
+            for m, s, t, o, spec in rows]}
+    reports = [report("010_grass", [("every_token", -2.0, 0.9, 0.5, False), ("where_active", -2.0, 0.8, 0.1, True)]),
+               report("003_floor", [("every_token", -2.0, 0.9, 0.6, False), ("where_active", -2.0, 0.7, 0.1, True)])]
+    counts = specific_counts(dose_table(reports))
+    assert counts["n_specific"].tolist() == [0, 2]
+    assert best_setting(counts) == ("where_active", -2.0, 2)

@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Shared (unpartitioned) assets first, then the 150 classes as one run.
-SHARED := train_activations,val_activations
+SHARED := train_activations,val_activations,sae_weights,probe_checkpoint,baseline_metrics,latent_stats,val_codes
 
 demo: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	.venv/bin/dagster asset materialize -m saeseg_assets --select '$(SHARED)'
+	.venv/bin/dagster asset materialize -m saeseg_assets --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag
+	.venv/bin/dagster asset materialize -m saeseg_assets --select suppression_summary
 
 test: $(STAMP)
 	$(PY) -m pytest

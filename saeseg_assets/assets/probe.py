@@ -49,7 +49,9 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
 
     cache = ActivationCache(storage.cache_path("training"))
     folder = storage.path("probe")
-    source = config.import_path or checkpoints.probe
+    from ..automation import checkpoint_to_import
+
+    source = checkpoint_to_import("probe", storage, config.import_path or checkpoints.probe)
     reused = False
     if source:
         imported = load_probe(source)

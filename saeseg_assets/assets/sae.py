@@ -73,7 +73,9 @@ def sae_weights(context: dg.AssetExecutionContext, config: SaeConfig, storage: S
     folder = storage.path("sae")
     val = ActivationCache(storage.cache_path("validation"))
     device = config.device or backbone.device
-    source = config.import_path or checkpoints.sae
+    from ..automation import checkpoint_to_import
+
+    source = checkpoint_to_import("sae", storage, config.import_path or checkpoints.sae)
     if source:
         sae, meta = import_sae(Path(source).expanduser(), folder, val.d_model, val.path)
         reused = False

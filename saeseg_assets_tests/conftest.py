@@ -68,3 +68,13 @@ def asset_metadata(result, key: str, partition: str | None = None) -> dict:
         if m.asset_key.to_user_string() == key and m.partition == partition:
             return {k: v.value for k, v in m.metadata.items()}
     raise KeyError(f"no materialization of {key} {partition or ''}")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_dagster_instance():
+    """A test that opened a Dagster instance may leave it set as the process's definitions-state store after the
+    instance is gone; later `dagster.materialize` calls would then fail to resolve it."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield

@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 
-.PHONY: setup demo test ui
+.PHONY: setup demo test ui prune
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,3 +32,7 @@ test: $(STAMP)
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	.venv/bin/dagster dev -h 127.0.0.1 -w workspace.yaml
+
+# Delete stored outputs that no latest materialization in the instance points to (README, "The artifact store").
+prune: $(STAMP)
+	$(PY) -m saeseg_assets.prune

@@ -10,7 +10,6 @@ Usage: python benchmarks/probe_sweep.py [--cache PATH] [--images 240] [--epochs 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from saeseg_assets.core.ade20k import patch_labels
-from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.probe import SweepConfig, evaluate_heads, split_held_out, train_heads, training_batches
+from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter, token_batches
+from saeseg_assets.core.probe import SweepConfig, evaluate_heads, split_held_out, target_field, train_heads
 
 
 def synthetic_cache(path: Path, n_images: int, d_model: int = 384, crop: int = 224, patch: int = 14,
@@ -82,14 +81,17 @@ def main() -> None:
         cache = (ActivationCache(Path(args.cache)) if args.cache
                  else synthetic_cache(Path(tmp) / "synthetic.zarr", args.images))
         shared = SweepConfig(epochs=args.epochs, device=args.device)
-        singles = [dataclasses.replace(shared, lrs=(lr,), weight_decays=(wd,)) for lr, wd in shared.grid]
+        singles = [shared.model_copy(update={"lrs": (lr,), "weight_decays": (wd,)}) for lr, wd in shared.grid]
         train_spans, held_spans = split_held_out(cache, shared.held_out_fraction, shared.seed)
         print(f"cache {cache.path.name}: {cache.n_images} images x {cache.n_patches} patches x {cache.d_model} dims; "
               f"{len(singles)} heads, {args.epochs} epochs on {sum(b - a for a, b in train_spans)} images, "
               f"batch {shared.batch_size}, {args.device} ({torch.get_num_threads()} threads)")
         reads = _counting(cache)
         quiet = lambda m: None  # noqa: E731
-        read_pass = timed(lambda: sum(1 for _ in training_batches(cache, train_spans, shared, np.random.default_rng(0))))
+        label_field, to_targets = target_field(shared, cache.grid)
+        read_pass = timed(lambda: sum(1 for _ in token_batches(
+            cache, train_spans, shared.batch_size, np.random.default_rng(0), buffer_images=shared.buffer_images,
+            fields=("activations", label_field), per_token={label_field: to_targets}, remainder="yield")))
         times: dict[str, list[float]] = {"train shared": [], "train one by one": []}
         counts: dict[str, int] = {}
         heads: list = []

@@ -3,7 +3,7 @@ and against the machine's matmul roofline (rate measured here, FLOPs of the spar
 
 Also prints the sparse-decode step against a dense step of the same SAE. Targets: stream/memory >= 0.9, roofline >= 50%.
 Usage: python benchmarks/sae_training.py [--d-model 384] [--expansion 16] [--batch 1024] [--steps 40] [--rounds 2]
-       [--real data/activations/training.zarr] [--device cpu]
+       [--data data] [--device cpu]
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.sae import Sae, SaeSpec
-from saeseg_assets.core.sae_config import TrainConfig
+from saeseg_assets.core.settings import TrainConfig
 from saeseg_assets.core.sae_training import train_sae, train_step
+from saeseg_assets.core.store import Store
 from saeseg_assets.core.synthetic import write_sparse_cache
 
 
@@ -85,7 +85,11 @@ def fixed_batch_rate(spec: SaeSpec, config: TrainConfig, device: str, steps: int
     dead_S = torch.zeros(spec.d_sae, dtype=torch.bool, device=device)
 
     def dense_step() -> None:
-        x_hat_ND = sae.decode(sae.encode(x_ND))
+        # Plain autograd on dense codes, as a reference: a dense encoder backward and a dense decode.
+        pre_NS = sae.pre_activations(x_ND)
+        vals_NK, idx_NK = pre_NS.topk(spec.k, dim=1, sorted=False)
+        codes_NS = torch.zeros_like(pre_NS).scatter(1, idx_NK, torch.relu(vals_NK))
+        x_hat_ND = torch.addmm(sae.b_dec_D, codes_NS, sae.W_dec_SD)
         optimizer.zero_grad(set_to_none=True)
         (x_hat_ND - x_ND).pow(2).mean().backward()
         sae.remove_parallel_decoder_grad_()
@@ -138,8 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps per timed run")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each kind, interleaved")
     parser.add_argument("--images", type=int, default=64, help="images (of 256 patches) in the synthetic cache")
-    parser.add_argument("--real", default="data/activations/training.zarr",
-                        help="a real cache to measure too, if it exists (default: the embedded demo's)")
+    parser.add_argument("--data", default="data", help="the store whose newest training cache is measured too, if any "
+                        "(default: the embedded demo's)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -166,13 +170,13 @@ def main() -> None:
         synthetic = write_sparse_cache(Path(tmp) / "bench.zarr", n_images=args.images, grid=16, d_model=d,
                                        n_features=4 * d, active=16, chunk_images=16)
         compare("synthetic cache", synthetic, config, args.rounds, device, rate, encoder_rate)
-    real = Path(args.real)
-    if (real / "zarr.json").exists():
-        cache = ActivationCache(real)
-        compare(f"demo cache {real}", cache, replace(config, expansion=s // cache.d_model), args.rounds, device, rate,
-                encoder_rate)
+    real = Store(args.data).newest("train_activations")
+    if real is not None:
+        cache = ActivationCache(real / CACHE_FOLDER)
+        compare(f"demo cache {real}", cache, config.model_copy(update={"expansion": s // cache.d_model}), args.rounds,
+                device, rate, encoder_rate)
     else:
-        print(f"\n(no cache at {real}: the demo's own cache was not measured)")
+        print(f"\n(no training cache under {args.data}: the demo's own cache was not measured)")
 
 
 if __name__ == "__main__":

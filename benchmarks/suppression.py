@@ -1,7 +1,7 @@
 """Suppression cost: one class, and all 150 classes, against one full SAE encoding pass over the validation cache,
 measured side by side in one run and printed as ratios (targets: one class <= 0.05, all 150 <= 2).
 
-Uses the caches under --data and the SAE and probe there (or --sae / --probe); where none exist, a randomly
+Uses the newest caches in the store under --data and the SAE and probe there (or --sae / --probe); where none exist, a randomly
 initialized TopK SAE (d_sae = 16 x d_model, k 32) and a ridge probe fitted on the training cache (flagged).
 Usage: python benchmarks/suppression.py [--data data] [--sae DIR] [--probe DIR] [--threads 0] [--repeats 3]
 """
@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from saeseg_assets.core.ade20k import CLASSES, class_by_key
-from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.logit_shift import PatchBaseline, PixelBaseline
-from saeseg_assets.core.latents import SelectionConfig, StatsConfig, compute_latent_stats, select_class_latents
+from saeseg_assets.core.latents import compute_latent_stats, select_class_latents
 from saeseg_assets.core.probe import Probe, load_probe, pixel_share_targets
 from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
-from saeseg_assets.core.suppression import SuppressionConfig, SuppressionModel, evaluate_class
+from saeseg_assets.core.settings import SelectionConfig, StatsConfig, SuppressionConfig
+from saeseg_assets.core.store import Store
+from saeseg_assets.core.suppression import SuppressionModel, evaluate_class
 from saeseg_assets.core.val_codes import compute_val_codes
 
 
@@ -41,7 +43,7 @@ def sae_pass(sae: Sae, cache: ActivationCache) -> int:
     n = 0
     for _, block in cache.iter_blocks(("activations",)):
         x_ND = torch.from_numpy(block["activations"]).float().reshape(-1, cache.d_model)
-        vals, _ = sae.encode_topk(x_ND) if sae.spec.architecture == "topk" else (sae.encode(x_ND), None)
+        vals, _ = sae.encode(x_ND)
         n += len(vals)
     return n
 
@@ -86,18 +88,22 @@ def ridge_probe(cache: ActivationCache, lam: float = 1.0) -> Probe:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data")
-    parser.add_argument("--sae", default="", help="SAE checkpoint folder (default: <data>/sae)")
-    parser.add_argument("--probe", default="", help="probe checkpoint folder (default: <data>/probe)")
+    parser.add_argument("--sae", default="", help="SAE checkpoint folder (default: the newest sae_weights in <data>)")
+    parser.add_argument("--probe", default="", help="probe checkpoint folder (default: the newest probe_checkpoint)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--class-key", default="010_grass")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    train = ActivationCache(data / "activations" / "training.zarr")
-    val = ActivationCache(data / "activations" / "validation.zarr")
-    sae_dir, probe_dir = Path(args.sae or data / "sae"), Path(args.probe or data / "probe")
+    store = Store(args.data)
+    caches = {asset: store.newest(asset) for asset in ("train_activations", "val_activations")}
+    if None in caches.values():
+        raise SystemExit(f"no activation caches under {args.data}: run `make demo` first")
+    train = ActivationCache(caches["train_activations"] / CACHE_FOLDER)
+    val = ActivationCache(caches["val_activations"] / CACHE_FOLDER)
+    sae_dir = Path(args.sae or store.newest("sae_weights") or "none")
+    probe_dir = Path(args.probe or store.newest("probe_checkpoint") or "none")
     if (sae_dir / "sae.json").exists():
         sae, _ = load_sae(sae_dir)
         sae_source = str(sae_dir)

@@ -1,20 +1,19 @@
-"""saeseg: SAE class-suppression experiments on ADE20K-format segmentation, as Dagster assets."""
+"""saeseg: SAE class-suppression experiments on ADE20K-format segmentation, as Dagster assets.
 
-import dagster as dg
+`saeseg_assets.defs` (the Dagster definitions) loads on first access, so `saeseg_assets.core` works without Dagster.
+"""
 
-from . import automation
-from .assets import activations, latents, probe, sae, suppression
-from .checks import sae_checks
-from .resources import from_env
+from __future__ import annotations
 
-defs = dg.Definitions(
-    assets=[
-        a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=automation.DOWNSTREAM_CONDITION)
-                          if spec.key.to_user_string() in automation.DOWNSTREAM_ASSETS else spec)
-        for a in dg.load_assets_from_modules([activations, sae, probe, latents, suppression])
-    ],
-    asset_checks=sae_checks,
-    resources=from_env(),
-    sensors=automation.sensors,
-    schedules=automation.schedules,
-)
+
+def __getattr__(name: str):
+    if name == "defs":
+        from .definitions import defs
+
+        return defs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Dagster finds `defs` by listing the module's attributes.
+    return sorted([*globals(), "defs"])

@@ -29,8 +29,12 @@ class Storage(dg.ConfigurableResource):
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def cache_path(self, split: str) -> Path:
-        return self.path("activations", f"{split}.zarr")
+    @property
+    def store(self):
+        """The content-addressed artifact store under `data_dir` (README, "Formats")."""
+        from .core.store import Store
+
+        return Store(self.root)
 
     def dataset_root(self) -> Path:
         """The dataset to read; the embedded default is written on first use (deterministic, atomic)."""

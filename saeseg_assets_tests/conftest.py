@@ -52,6 +52,17 @@ def write_tiny_dinov2(folder: Path, hidden: int = 32, layers: int = 2, image_siz
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Torch on one thread: small tensors run faster so, and timings of parallel tests do not fight."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_ade20k(tmp_path) -> Path:
     return write_tiny_ade20k(tmp_path / "ade")
 
@@ -70,11 +81,24 @@ def asset_metadata(result, key: str, partition: str | None = None) -> dict:
     raise KeyError(f"no materialization of {key} {partition or ''}")
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_dagster_instance():
-    """A test that opened a Dagster instance may leave it set as the process's definitions-state store after the
-    instance is gone; later `dagster.materialize` calls would then fail to resolve it."""
-    from dagster._core.storage.defs_state.base import _current_storage
+def record_artifact(instance, storage, spec, write, part: str | None = None) -> str:
+    """Writes an artifact into the store through `write(folder)` and records its materialization in `instance`, as
+    if its asset had run: how a test puts inputs in place for one asset."""
+    import dagster as dg
 
-    _current_storage.set(None)
-    yield
+    with storage.store.write(spec, part=part) as folder:
+        write(folder)
+    instance.report_runless_asset_event(dg.AssetMaterialization(spec.asset, partition=part,
+                                                                metadata={"key": spec.key}))
+    return spec.key
+
+
+def record_synthetic_cache(instance, storage, asset: str, **cache_options) -> str:
+    """A synthetic activation cache (core.synthetic) as the latest `train_activations` or `val_activations`."""
+    from saeseg_assets.core.cache import CACHE_FOLDER
+    from saeseg_assets.core.store import Spec
+    from saeseg_assets.core.synthetic import write_sparse_cache
+
+    spec = Spec(asset, 1, {"synthetic": cache_options})
+    return record_artifact(instance, storage, spec, lambda folder: write_sparse_cache(folder / CACHE_FOLDER,
+                                                                                     **cache_options))

@@ -1,5 +1,8 @@
 """The checkpoint sensors tick by tick (new, unchanged, half-written, missing), where the import asset looks, the
-downstream re-run condition on a toy graph, and the nightly schedule's choice of stale assets."""
+downstream re-run condition on a stand-in graph, and the nightly schedule's choice of stale assets and classes.
+
+Evaluation contexts are closed with `with`: one left open keeps its instance set as the process's definitions-state
+store until garbage collection, and a later `dagster.materialize` then fails on the disposed instance."""
 
 import os
 from pathlib import Path
@@ -7,10 +10,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from saeseg_assets.automation import (CHECKPOINT_TAG, DOWNSTREAM_CONDITION, checkpoint_to_import,
+from saeseg_assets.automation import (CHECKPOINT_TAG, DOWNSTREAM_CONDITION, STALE_BLOCK_TAG,
                                       nightly_stale_refresh, probe_checkpoint_sensor, sae_checkpoint_sensor)
 from saeseg_assets.core.checkpoint_watch import (Seen, WatchState, content_sha256, drop_folder, find_checkpoint,
                                                  step)
+from saeseg_assets.partitions import class_partitions
 from saeseg_assets.resources import Checkpoints, Storage
 
 # The automation-condition tester selects with a beta parameter of its own.
@@ -21,8 +25,8 @@ def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, data: Path, 
          configured: str = "") -> tuple[list[dg.RunRequest], str | None]:
     """One evaluation of a checkpoint sensor; returns its run requests and the cursor for the next tick."""
     resources = {"storage": Storage(data_dir=str(data)), "checkpoints": Checkpoints(sae=configured, probe=configured)}
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-    result = sensor.evaluate_tick(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = sensor.evaluate_tick(context)
     return list(result.run_requests or []), result.cursor
 
 
@@ -46,10 +50,10 @@ def test_drop_folder_layout_and_precedence(tmp_path):
     (sae / "sae.json").write_text("{}")
     assert find_checkpoint("sae", data).complete
     storage = Storage(data_dir=str(data))
-    assert checkpoint_to_import("sae", storage, "") == sae
+    assert find_checkpoint("sae", storage.root, "").source == sae
     # The configured path wins even before it exists: the import then fails naming it, rather than training.
-    assert checkpoint_to_import("sae", storage, str(tmp_path / "elsewhere.pt")) == tmp_path / "elsewhere.pt"
-    assert checkpoint_to_import("probe", storage, "") is None
+    assert find_checkpoint("sae", storage.root, str(tmp_path / "elsewhere.pt")).source == tmp_path / "elsewhere.pt"
+    assert find_checkpoint("probe", storage.root, "") is None
 
 
 def test_content_hash_ignores_times_and_sees_bytes(tmp_path):
@@ -132,10 +136,8 @@ def test_sensor_watches_the_configured_reference_file(tmp_path):
         assert len(runs) == 1 and runs[0].tags["saeseg/checkpoint"] == str(configured)
 
 
-# A toy graph shaped like ours: an import asset, a shared asset, a class-partitioned one and a summary over it.
-classes = dg.StaticPartitionsDefinition(["001_wall", "002_building", "010_grass"])
-
-
+# A stand-in graph shaped like ours: unpartitioned inputs, two class-partitioned assets run as one run per block of
+# classes, and a summary over the classes. Each run gives an asset a new data version, unless `weights` is told one.
 @dg.asset
 def weights(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return dg.MaterializeResult(data_version=dg.DataVersion(context.run.tags.get("version", "1")))
@@ -146,7 +148,14 @@ def stats() -> None:
     pass
 
 
-@dg.asset(deps=[stats], partitions_def=classes, automation_condition=DOWNSTREAM_CONDITION)
+@dg.asset(deps=[stats], partitions_def=class_partitions, backfill_policy=dg.BackfillPolicy.single_run(),
+          automation_condition=DOWNSTREAM_CONDITION)
+def latents() -> None:
+    pass
+
+
+@dg.asset(deps=[latents, stats], partitions_def=class_partitions, backfill_policy=dg.BackfillPolicy.single_run(),
+          automation_condition=DOWNSTREAM_CONDITION)
 def report() -> None:
     pass
 
@@ -156,27 +165,41 @@ def summary() -> None:
     pass
 
 
-TOY = [weights, stats, report, summary]
+STAND_IN = [weights, stats, latents, report, summary]
+RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+
+
+def materialize(instance: dg.DagsterInstance, assets: list, partition: str | None = None, **tags: str) -> None:
+    assert dg.materialize(STAND_IN, instance=instance, selection=assets, partition_key=partition, tags=tags).success
+
+
+def build(instance: dg.DagsterInstance, classes: list[str], with_summary: bool = True) -> None:
+    """Everything materialized for `classes`, one class per run."""
+    materialize(instance, [weights, stats])
+    for key in classes:
+        materialize(instance, [latents, report], key)
+    if with_summary:
+        materialize(instance, [summary])
 
 
 def requested(result) -> dict[str, set]:
     return {k.to_user_string(): set(result.get_requested_partitions(k))
-            for k in (stats.key, report.key, summary.key) if result.get_requested_partitions(k)}
+            for k in (stats.key, latents.key, report.key, summary.key) if result.get_requested_partitions(k)}
 
 
 def settle(instance: dg.DagsterInstance, cursor) -> tuple[list[dict], object]:
     """Ticks the automation conditions, materializing what each tick requests, until a tick requests nothing."""
     ticks = []
     for _ in range(6):
-        result = dg.evaluate_automation_conditions(defs=TOY, instance=instance, cursor=cursor)
+        result = dg.evaluate_automation_conditions(defs=STAND_IN, instance=instance, cursor=cursor)
         cursor = result.cursor
         ticks.append(requested(result))
         if not ticks[-1]:
             return ticks[:-1], cursor
         for name, partitions in ticks[-1].items():
-            asset = {"stats": stats, "report": report, "summary": summary}[name]
+            asset = {"stats": stats, "latents": latents, "report": report, "summary": summary}[name]
             for partition in partitions:
-                assert dg.materialize(TOY, instance=instance, selection=[asset], partition_key=partition).success
+                materialize(instance, [asset], partition)
     raise AssertionError(f"never settled: {ticks}")
 
 
@@ -184,45 +207,114 @@ def test_downstream_condition_reruns_what_exists_when_an_input_changes():
     with dg.instance_for_test() as instance:
         ticks, cursor = settle(instance, None)
         assert ticks == []  # nothing exists yet: nothing is filled in
-        assert dg.materialize([weights, stats], instance=instance).success
+        materialize(instance, [weights, stats])
         for key in ("001_wall", "010_grass"):
-            assert dg.materialize(TOY, instance=instance, partition_key=key, selection=[report]).success
-        assert dg.materialize(TOY, instance=instance, selection=[summary]).success
+            materialize(instance, [latents], key)
+            materialize(instance, [report], key)
+        materialize(instance, [summary])
         ticks, cursor = settle(instance, cursor)
         # Runs launched by hand already covered their children (weights ran with stats; each report before summary).
         assert ticks == []
 
-        assert dg.materialize([weights], instance=instance, tags={"version": "1"}).success
+        materialize(instance, [weights], version="1")
         ticks, cursor = settle(instance, cursor)
         assert ticks == []  # same data version: nothing to redo
 
-        assert dg.materialize([weights], instance=instance, tags={"version": "2"}).success
+        materialize(instance, [weights], version="2")
         ticks, cursor = settle(instance, cursor)
         # The chain, one level of partitioning per tick; only the classes that existed, all in one request.
-        assert ticks == [{"stats": {None}}, {"report": {"001_wall", "010_grass"}}, {"summary": {None}}]
+        both = {"001_wall", "010_grass"}
+        assert ticks == [{"stats": {None}}, {"latents": both, "report": both}, {"summary": {None}}]
 
 
-def test_nightly_schedule_requests_stale_assets_as_one_run():
-    defs = dg.Definitions(assets=TOY, schedules=[nightly_stale_refresh])
+def nightly(instance: dg.DagsterInstance, assets: list = STAND_IN) -> list[dg.RunRequest]:
+    """One tick of the nightly schedule; the context is closed after it, as the daemon does."""
+    defs = dg.Definitions(assets=assets, schedules=[nightly_stale_refresh])
+    with dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def()) as context:
+        return list(nightly_stale_refresh.evaluate_tick(context).run_requests or [])
+
+
+def summarize(runs: list[dg.RunRequest]) -> list[tuple]:
+    return [(sorted(k.to_user_string() for k in run.asset_selection), run.tags.get(RANGE[0]), run.tags.get(RANGE[1]),
+             run.tags[STALE_BLOCK_TAG]) for run in runs]
+
+
+def run_all(instance: dg.DagsterInstance, runs: list[dg.RunRequest]) -> None:
+    """What the daemon launches for the requests, one after the other."""
+    for run in runs:
+        assert dg.materialize(STAND_IN, instance=instance, selection=run.asset_selection, tags=run.tags).success
+
+
+def test_nightly_schedule_requests_a_contiguous_block_as_one_run():
     assert nightly_stale_refresh.default_status == dg.DefaultScheduleStatus.STOPPED
     with dg.instance_for_test() as instance:
-        assert dg.materialize([weights, stats], instance=instance).success
-        for key in ("001_wall", "002_building"):
-            assert dg.materialize(TOY, instance=instance, partition_key=key, selection=[report]).success
+        build(instance, ["001_wall", "002_building"], with_summary=False)
+        assert nightly(instance) == []  # fresh, and the missing summary is not "stale"
+        materialize(instance, [weights], version="1")
+        assert nightly(instance) == []  # the same data version again: nothing changed
+        materialize(instance, [weights], version="2")
+        runs = nightly(instance)
+        # stats is stale; what exists below it is redone too, the summary that does not exist is not made.
+        assert summarize(runs) == [(["latents", "report", "stats"], "001_wall", "002_building", "1/1")]
+        run_all(instance, runs)
+        assert nightly(instance) == []
 
-        def evaluate():
-            context = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def())
-            return nightly_stale_refresh.evaluate_tick(context)
 
-        assert evaluate().run_requests == []  # fresh, and the missing summary is not "stale"
-        assert dg.materialize([weights], instance=instance, tags={"version": "2"}).success
-        (run,) = evaluate().run_requests
-        # stats is stale; the reports below it are redone too, the missing class and summary are not made.
-        assert set(run.asset_selection) == {stats.key, report.key}
-        assert run.tags["dagster/asset_partition_range_start"] == "001_wall"
-        assert run.tags["dagster/asset_partition_range_end"] == "002_building"
-        assert dg.materialize(TOY, instance=instance, selection=run.asset_selection, tags=run.tags).success
-        assert evaluate().run_requests == []
+def test_nightly_schedule_requests_exactly_the_stale_classes():
+    with dg.instance_for_test() as instance:
+        build(instance, ["001_wall", "002_building", "010_grass"])
+        for key in ("001_wall", "010_grass"):
+            materialize(instance, [latents], key)
+        runs = nightly(instance)
+        # Two runs of one class each, not 001 to 010; the summary goes with the last.
+        assert summarize(runs) == [(["report"], "001_wall", "001_wall", "1/2"),
+                                   (["report", "summary"], "010_grass", "010_grass", "2/2")]
+        assert [run.run_key for run in runs] == ["001_wall...001_wall", "010_grass...010_grass"]
+        run_all(instance, runs)
+        assert nightly(instance) == []
+        # A class redone by hand leaves the summary behind it: the summary alone, no classes.
+        materialize(instance, [report], "002_building")
+        assert summarize(nightly(instance)) == [(["summary"], None, None, "1/1")]
+
+
+def test_nightly_schedule_does_not_fill_in_classes_never_materialized():
+    with dg.instance_for_test() as instance:
+        build(instance, ["001_wall", "002_building", "010_grass"])
+        materialize(instance, [weights], version="2")
+        runs = nightly(instance)
+        # Inputs above the classes go first, the summary last; 003 to 009 and the other classes are not made.
+        assert summarize(runs) == [(["latents", "report", "stats"], "001_wall", "002_building", "1/2"),
+                                   (["latents", "report", "summary"], "010_grass", "010_grass", "2/2")]
+        run_all(instance, runs)
+        assert nightly(instance) == []
+        assert set(instance.get_materialized_partitions(report.key)) == {"001_wall", "002_building", "010_grass"}
+
+
+def test_nightly_schedule_redoes_an_asset_whose_code_version_changed():
+    stats_v2 = dg.asset(name="stats", deps=[weights], code_version="2")(lambda: None)
+    with dg.instance_for_test() as instance:
+        build(instance, ["003_sky"])
+        runs = nightly(instance, [weights, stats_v2, latents, report, summary])
+        assert summarize(runs) == [(["latents", "report", "stats", "summary"], "003_sky", "003_sky", "1/1")]
+
+
+@pytest.mark.filterwarnings("ignore:Property `OpDefinition.version` is deprecated:DeprecationWarning")  # inside Dagster
+def test_nightly_schedule_sees_a_new_version_of_an_observed_source():
+    @dg.observable_source_asset(name="dataset")
+    def dataset() -> dg.DataVersion:
+        raise AssertionError("observed by the reports below")
+
+    def observe(instance: dg.DagsterInstance, version: str) -> None:
+        instance.report_runless_asset_event(dg.AssetObservation("dataset", tags={"dagster/data_version": version}))
+
+    cache = dg.asset(name="cache", deps=[dataset])(lambda: None)
+    with dg.instance_for_test() as instance:
+        observe(instance, "a")
+        assert dg.materialize([dataset, cache], instance=instance, selection=[cache]).success
+        observe(instance, "a")
+        assert nightly(instance, [dataset, cache]) == []  # observed again, same version
+        observe(instance, "b")
+        assert summarize(nightly(instance, [dataset, cache])) == [(["cache"], None, None, "1/1")]
 
 
 @pytest.mark.parametrize("sensor", [sae_checkpoint_sensor, probe_checkpoint_sensor])

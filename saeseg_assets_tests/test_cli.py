@@ -9,6 +9,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from saeseg_assets.artifacts import latest_keys
+
 from .conftest import write_tiny_ade20k, write_tiny_dinov2
 
 D_MODEL = 32  # the tiny Dinov2's hidden size
@@ -78,7 +80,8 @@ def test_readme_cli_commands(tmp_path):
         event = instance.get_latest_materialization_event(dg.AssetKey("suppression_report"))
         assert event.asset_materialization.partition == "010_grass"
         assert event.asset_materialization.metadata["status"].value == "evaluated"
-    assert (data / "suppression" / "010_grass.json").exists()
+        report_key = event.asset_materialization.metadata["key"].value
+    assert (data / "suppression_report" / report_key / "010_grass" / "report.json").exists()
 
     materialize(env, "--select", "suppression_report", "--partition", "010_grass")
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
@@ -94,5 +97,7 @@ def test_readme_cli_commands(tmp_path):
         for key in ("001_wall", "002_building", "003_sky"):
             assert materializations(instance, "suppression_report", key) == 1, key
             assert materializations(instance, "class_latents", key) == 1, key
-    assert sorted(p.stem for p in (data / "suppression").glob("*.json")) == [
-        "001_wall", "002_building", "003_sky", "010_grass"]
+        assert sorted(latest_keys(instance, "suppression_report")) == ["001_wall", "002_building", "003_sky",
+                                                                        "010_grass"]
+    assert sorted(p.name for p in (data / "suppression_report" / report_key).iterdir()) == [
+        "001_wall", "002_building", "003_sky", "010_grass"]  # same settings and inputs: one key for all four

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.latents import (LatentStats, SelectionConfig, StatsConfig, compute_latent_stats,
+from saeseg_assets.core.latents import (LatentStats, SelectionConfig, StatsConfig, compute_latent_stats, dense_mask,
                                         f1_scores, load_latent_stats, merge_top, save_latent_stats,
                                         select_class_latents, top_patches)
 from saeseg_assets.core.sae import Sae, SaeSpec
@@ -51,7 +51,8 @@ def test_stats_equal_brute_force(tmp_path, architecture):
     stats = compute_latent_stats(sae, cache, StatsConfig(purity=0.9, top_patches=4, block_images=2), log=lambda _: None)
 
     with torch.no_grad():
-        codes = sae.encode(torch.from_numpy(acts.reshape(-1, d))).numpy().astype(np.float64)
+        vals, idx = sae.encode(torch.from_numpy(acts.reshape(-1, d)))
+        codes = torch.zeros(len(vals), sae.spec.d_sae).scatter(1, idx, vals).numpy().astype(np.float64)
     lab, pure = labels.reshape(-1), purity.reshape(-1) >= 0.9
     fires = codes > 0
     assert stats.n_tokens == n * grid * grid
@@ -126,6 +127,12 @@ def test_activation_sum_rule_drops_dense_latents():
     assert chosen.latents == (2, 0) and chosen.scores == (50.0, 30.0)
     loose = select_class_latents(stats, 3, SelectionConfig(rule="activation_sum", k=1, dense_frequency=1.01))
     assert loose.latents == (1,)
+
+
+def test_dense_means_firing_on_at_least_the_threshold_share():
+    frequency_S = np.array([0.0, 0.0099, 0.01, 0.5])
+    assert dense_mask(frequency_S).tolist() == [False, False, True, True]  # the default threshold: 1%
+    assert dense_mask(torch.tensor(frequency_S), 0.5).tolist() == [False, False, False, True]
 
 
 def test_absent_class_and_no_pure_patches():

@@ -17,11 +17,9 @@ from saeseg_assets.core.checkpoints import CheckpointError
 from saeseg_assets.core.probe import (
     BASELINE_COLUMNS,
     Probe,
-    SweepConfig,
     baseline_table,
     check_d_model,
     evaluate_probe,
-    find_reusable,
     load_probe,
     pixel_share_targets,
     save_probe,
@@ -29,6 +27,7 @@ from saeseg_assets.core.probe import (
     summary,
     train_sweep,
 )
+from saeseg_assets.core.settings import SweepConfig
 
 D_MODEL, CROP, PATCH = 16, 8, 4
 TOY_CLASSES = (1, 2, 3, 7)
@@ -114,9 +113,10 @@ def test_sweep_config_rejects_bad_settings():
         SweepConfig(lrs=(0.1, -1.0), target="pixels")
     with pytest.raises(ValueError, match="held_out_fraction"):
         SweepConfig(held_out_fraction=1.0)
-    key = SweepConfig().training_key("abc")
-    assert SweepConfig(device="cuda").training_key("abc") == key  # the device changes speed, not the result
-    assert SweepConfig(epochs=11).training_key("abc") != key and SweepConfig().training_key("abd") != key
+    identity = SweepConfig().identity()
+    assert SweepConfig(device="cuda").identity() == identity  # the device changes speed, not the result
+    assert SweepConfig(epochs=11).identity() != identity
+    assert SweepConfig(lrs=[1e-3]).lrs == (1e-3,)  # the launchpad's lists become the model's tuples
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_sweep_learns_the_toy_problem_and_selects_the_best_head(tmp_path, target
     assert (meta["lr"], meta["weight_decay"], meta["source"]) == (3e-2, 1e-5, "trained")
     assert meta["selection_miou"] == table["selection_miou"][1]
     assert meta["train_cache"]["fingerprint"] == cache.fingerprint
-    assert meta["training_key"] == SweepConfig(lrs=(1e-5, 3e-2), target=target, **FAST).training_key(cache.fingerprint)
+    assert meta["config"] == SweepConfig(lrs=(1e-5, 3e-2), target=target, **FAST).model_dump(mode="json")
     json.dumps(meta)  # everything in it must go into probe.json
     assert float(result.probe.weight_CD[0].abs().max()) == 0.0  # output 0 is never trained
 
@@ -235,14 +235,6 @@ def test_bad_probes_get_errors_that_name_the_file(tmp_path):
     other = _reference_file(tmp_path / "vitb.pt", torch.nn.Linear(768, 151).state_dict(), {})
     with pytest.raises(CheckpointError, match=r"vitb.pt: the probe reads d_model 768, but .*t.zarr has d_model 16"):
         check_d_model(load_probe(other), cache, other)
-
-
-def test_a_probe_is_reused_only_under_its_training_key(tmp_path):
-    probe = _random_probe()
-    save_probe(tmp_path, Probe(probe.weight_CD, probe.bias_C, {"training_key": "k1"}))
-    assert find_reusable(tmp_path, "k1") is not None
-    assert find_reusable(tmp_path, "k2") is None
-    assert find_reusable(tmp_path / "nothing_here", "k1") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

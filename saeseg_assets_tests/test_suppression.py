@@ -16,7 +16,7 @@ from saeseg_assets.core.metrics import ConfusionMatrix, grid_logits, patch_predi
 from saeseg_assets.core.probe import Probe
 from saeseg_assets.core.sae import Sae, SaeSpec
 from saeseg_assets.core import suppression as sp
-from saeseg_assets.core.suppression_config import MODES
+from saeseg_assets.core.settings import MODES
 from saeseg_assets.core.suppression_report import (best_setting, json_safe, key_from_path, read_reports,
                                                    report_path, specific_counts, dose_table)
 from saeseg_assets.core.val_codes import compute_val_codes

@@ -1,7 +1,6 @@
 """The Dagster UI in headless Chromium, the GraphQL API, and automatic re-runs, against a webserver and daemon started
 here on a free localhost port over a fresh instance and tiny data; every process started is stopped by its id."""
 
-import json
 import os
 import shutil
 import signal
@@ -15,8 +14,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from saeseg_assets.artifacts import latest_key, latest_keys
 from saeseg_assets.automation import CHECKPOINT_TAG
 from saeseg_assets.core.checkpoint_watch import content_sha256, drop_folder
+from saeseg_assets.core.store import Store
 
 from .test_cli import tiny_env, write_checkpoints
 
@@ -250,8 +251,6 @@ def test_graphql_client_launches_a_run(servers):
 def test_a_new_sae_checkpoint_reruns_the_downstream_without_a_click(servers):
     """Replace the SAE in the drop folder while the daemon runs: the import and every existing downstream result
     re-run on their own; what does not depend on the SAE (the probe's baseline) does not."""
-    from saeseg_assets.core.sae import weights_digest
-
     data = Path(servers.env["SAESEG_DATA"])
     folder = drop_folder(data, "sae")
     first = content_sha256((folder / "sae.safetensors", folder / "sae.json"))[0]
@@ -290,7 +289,9 @@ def test_a_new_sae_checkpoint_reruns_the_downstream_without_a_click(servers):
         # All launched by the sensors; classes as ranges (one run per contiguous block), never one run per class.
         assert all(r.tags.get("dagster/sensor_name") for r in runs)
         assert all(not r.tags.get("dagster/partition") for r in runs)
-    sae_sha256 = weights_digest(data / "sae")
-    for key in existing["suppression_report"]:
-        report = json.loads((data / "suppression" / f"{key}.json").read_text())
-        assert report["inputs"]["sae_sha256"] == sae_sha256
+        # Every report now stands on the new SAE: its validation codes were made from the latest sae_weights.
+        store, sae_key = Store(data), latest_key(instance, "sae_weights")
+        assert store.manifest("sae_weights", sae_key)["settings"]["import_sha256"] != first
+        for key, report_key in latest_keys(instance, "suppression_report").items():
+            codes_key = store.inputs("suppression_report", report_key, key)["val_codes"]
+            assert store.inputs("val_codes", codes_key)["sae_weights"] == sae_key, key

@@ -5,21 +5,21 @@ Layout and attributes are documented in the README ("Activation cache").
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from .store import Spec, write_atomic
+
 FORMAT_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
+CACHE_FOLDER = "activations.zarr"  # the cache inside its artifact folder
 _PROGRESS_FILE = "progress.json"
 
 
@@ -53,26 +53,18 @@ class CacheSettings:
 
 def fingerprint(settings: CacheSettings, image_ids: Sequence[str]) -> str:
     """A short content key: equal for caches that must hold equal data."""
-    blob = json.dumps({"format": FORMAT_VERSION, **asdict(settings), "image_ids": list(image_ids)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    return Spec("activations", FORMAT_VERSION, {**asdict(settings), "image_ids": list(image_ids)}).key
 
 
 class CacheWriter:
-    """Writes a cache chunk by chunk into `<path>.partial`, resumable after a crash; `finish()` publishes it at `path`.
+    """Writes a cache chunk by chunk into the zarr folder `path`, resumable after a crash; `finish()` marks it complete.
 
     A chunk is `chunk_images` whole images; progress is recorded only after a chunk is fully written, so a killed run
-    resumes at the last complete chunk. The previous cache at `path` stays readable until the new one is complete.
+    resumes at the last complete chunk. `path` lies in a folder the artifact store publishes once the cache is done.
     """
 
     def __init__(self, path: Path, settings: CacheSettings, image_ids: Sequence[str], chunk_images: int = 16):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.settings = settings
         self.image_ids = list(image_ids)
         self.chunk_images = chunk_images
@@ -83,22 +75,25 @@ class CacheWriter:
     def n_images(self) -> int:
         return len(self.image_ids)
 
+    def _progress(self, n_written: int) -> dict:
+        return {"fingerprint": self.key, "chunk_images": self.chunk_images, "n_written": n_written}
+
     def _open_or_resume(self) -> int:
-        progress_file = self.partial / _PROGRESS_FILE
+        progress_file = self.path / _PROGRESS_FILE
         if progress_file.exists():
             progress = json.loads(progress_file.read_text())
-            if progress.get("fingerprint") == self.key and progress.get("chunk_images") == self.chunk_images:
-                self._group = zarr.open_group(str(self.partial), mode="r+")
+            if {**progress, "n_written": 0} == self._progress(0):
+                self._group = zarr.open_group(str(self.path), mode="r+")
                 return int(progress["n_written"])
         # A partial cache of other settings is of no use: start afresh.
-        shutil.rmtree(self.partial, ignore_errors=True)
+        shutil.rmtree(self.path, ignore_errors=True)
         self._create()
-        _write_json_atomic(progress_file, {"fingerprint": self.key, "chunk_images": self.chunk_images, "n_written": 0})
+        write_atomic(progress_file, json.dumps(self._progress(0)).encode())
         return 0
 
     def _create(self) -> None:
         s, n, c = self.settings, self.n_images, self.chunk_images
-        g = zarr.open_group(str(self.partial), mode="w")
+        g = zarr.open_group(str(self.path), mode="w")
         # Activations are read far more often than written and barely compress: store them raw.
         g.create_array("activations", shape=(n, s.n_patches, s.d_model), chunks=(c, s.n_patches, s.d_model),
                        dtype=s.dtype, compressors=None)
@@ -127,21 +122,14 @@ class CacheWriter:
         g["patch_purity"][start:stop] = patch_purity_Bhw
         g["pixel_labels"][start:stop] = pixel_labels_BHW
         self.n_written = stop
-        _write_json_atomic(self.partial / _PROGRESS_FILE,
-                           {"fingerprint": self.key, "chunk_images": self.chunk_images, "n_written": stop})
+        write_atomic(self.path / _PROGRESS_FILE, json.dumps(self._progress(stop)).encode())
 
     def finish(self, extra_attrs: dict | None = None) -> Path:
-        """Marks the cache complete and swaps it in at `path` (the old one is removed only after the swap)."""
+        """Marks the cache complete; returns its path."""
         if self.n_written != self.n_images:
-            raise CacheError(f"{self.partial}: finish() after {self.n_written} of {self.n_images} images")
+            raise CacheError(f"{self.path}: finish() after {self.n_written} of {self.n_images} images")
         self._group.attrs.update({**(extra_attrs or {}), "complete": True})
-        (self.partial / _PROGRESS_FILE).unlink()
-        old = self.path.with_name(self.path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.path.exists():
-            os.replace(self.path, old)
-        os.replace(self.partial, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        (self.path / _PROGRESS_FILE).unlink()
         return self.path
 
 
@@ -151,9 +139,7 @@ class ActivationCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
-            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-            hint = f" (an unfinished recording lies at {partial}: materialize it again to resume)" if partial.exists() else ""
-            raise CacheError(f"{self.path}: no activation cache here{hint}")
+            raise CacheError(f"{self.path}: no activation cache here")
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs = self.group.attrs.asdict()
         if not self.attrs.get("complete"):
@@ -195,80 +181,109 @@ class ActivationCache:
         def load(i: int) -> dict[str, np.ndarray]:
             return {f: self.read(f, i, min(i + step, stop)) for f in fields}
 
-        yield from zip(starts, _prefetched(load, starts))
+        yield from zip(starts, prefetch(map(load, starts)))
 
 
-def complete_cache(path: Path) -> ActivationCache | None:
-    """The complete cache at `path`, or None where there is none (missing, unfinished, or of another format)."""
-    try:
-        return ActivationCache(path)
-    except CacheError:
-        return None
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Runs the iterator `items` in one background thread, `depth` items ahead of the consumer, so that reading (or
+    shuffling, or copying) the next items overlaps the consumer's work on this one.
 
-
-def _prefetched(load, items: Sequence, depth: int = 2) -> Iterator:
-    """Maps `load` over `items` in one background thread, `depth` results ahead; errors surface in the caller."""
+    An error in `items` is re-raised in the consumer. Closing the returned generator (or dropping it) stops the thread
+    and closes `items` where it is a generator, so nested streams wind down from the outside in.
+    """
     out: queue.Queue = queue.Queue(maxsize=depth)
-    stop_flag = threading.Event()
+    stop = threading.Event()
 
-    def work() -> None:
+    def offer(entry: tuple[str, object]) -> bool:
+        # A timed put, so that a producer facing a full queue notices when the consumer has gone.
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
         try:
-            for item in items:
-                if stop_flag.is_set():
+            for item in iterator:
+                if not offer(("item", item)):
                     return
-                out.put((True, load(item)))
+            offer(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            out.put((False, exc))
+            offer(("error", exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     try:
-        for _ in items:
-            ok, value = out.get()
-            if not ok:
+        while True:
+            kind, value = out.get()
+            if kind == "error":
                 raise value
+            if kind == "end":
+                return
             yield value
     finally:
-        stop_flag.set()
-        while thread.is_alive():
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.01)
+        stop.set()
+        thread.join()
 
 
-def token_batches(cache: ActivationCache, batch_size: int, *, seed: int, images: range | None = None,
-                  buffer_images: int = 256, fields: Sequence[str] = ("activations",)) -> Iterator[dict[str, np.ndarray]]:
-    """One shuffled pass over the tokens of `images` (default: all), as dicts of [batch, ...] arrays.
+Span = tuple[int, int]  # images [start, stop) of a cache, within one chunk
+REMAINDERS = ("carry", "yield")
 
-    Reads whole chunks in a random order into a buffer of about `buffer_images` images (many images mixed), shuffles the
-    buffer's tokens and cuts batches; the last, shorter batch is dropped. Memory is bounded by the buffer, not the data.
-    Per-image fields (`patch_labels`, `patch_purity`) are flattened to per-token values alongside the activations.
-    """
+
+def chunk_spans(cache: ActivationCache, images: range | None = None) -> list[Span]:
+    """The chunk-aligned spans that cover `images` (default: all) exactly, in order: the units of whole-chunk reads."""
     images = images if images is not None else range(cache.n_images)
-    rng = np.random.default_rng(seed)
     c = cache.chunk_images
-    # Chunk-aligned spans that cover `images` exactly.
     edges = sorted({images.start, images.stop, *range((images.start // c + 1) * c, images.stop, c)})
-    spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    spans = [spans[i] for i in rng.permutation(len(spans))]
-    per_fill = max(1, buffer_images // c)
-    groups = [spans[i:i + per_fill] for i in range(0, len(spans), per_fill)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
-    def load(group: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        return {f: np.concatenate([_tokens(f, cache.read(f, a, b)) for a, b in group]) for f in fields}
+
+def token_batches(cache: ActivationCache, spans: Sequence[Span], batch_size: int, rng: np.random.Generator, *,
+                  buffer_images: int = 256, fields: Sequence[str] = ("activations",),
+                  per_token: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+                  remainder: str = "carry") -> Iterator[dict[str, np.ndarray]]:
+    """One shuffled pass over the tokens of `spans`, as dicts {field: [batch, ...] array}.
+
+    Spans come in a random order, about `buffer_images` images at a time (the memory bound, many images mixed), read in
+    a background thread; each fill's tokens are shuffled together and cut into batches. `rng` draws the span order,
+    then one permutation per fill; pass one Generator to every epoch to go on with its stream.
+    `remainder` decides the tokens after a fill's last whole batch: "carry" mixes them into the next fill and drops
+    the pass's last few (every batch is whole), "yield" gives them as a shorter batch (every token seen once).
+    Per-image arrays become per-token rows through `per_token[field]` where given (say, pixel labels to targets),
+    else by flattening.
+    """
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder {remainder!r}: expected one of {REMAINDERS}")
+    per_token = per_token or {}
+    order = [spans[i] for i in rng.permutation(len(spans))]
+    per_fill = max(1, buffer_images // cache.chunk_images)
+    fills = [order[i:i + per_fill] for i in range(0, len(order), per_fill)]
+
+    def rows(field: str, a: int, b: int) -> np.ndarray:
+        x = cache.read(field, a, b)
+        return per_token[field](x) if field in per_token else _tokens(field, x)
+
+    def load(fill: list[Span]) -> dict[str, np.ndarray]:
+        return {f: np.concatenate([rows(f, a, b) for a, b in fill]) for f in fields}
 
     carry: dict[str, np.ndarray] | None = None
-    for block in _prefetched(load, groups):
+    for block in prefetch(map(load, fills)):
         if carry is not None:
             block = {f: np.concatenate([carry[f], block[f]]) for f in fields}
-        order = rng.permutation(len(block[fields[0]]))
-        n_full = len(order) // batch_size * batch_size
-        for i in range(0, n_full, batch_size):
-            idx = order[i:i + batch_size]
+        perm = rng.permutation(len(block[fields[0]]))
+        end = len(perm) if remainder == "yield" else len(perm) // batch_size * batch_size
+        for i in range(0, end, batch_size):
+            idx = perm[i:i + batch_size]
             yield {f: block[f][idx] for f in fields}
-        rest = order[n_full:]
-        carry = {f: block[f][rest] for f in fields}
+        if remainder == "carry":
+            carry = {f: block[f][perm[end:]] for f in fields}
 
 
 def _tokens(field: str, x: np.ndarray) -> np.ndarray:

@@ -14,20 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .store import write_atomic
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, or of the wrong shape; the message names the file."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_tensors(folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Path, Path]:

@@ -14,10 +14,10 @@ import torch
 from .cache import ActivationCache
 from .checkpoints import CheckpointError, load_tensors, save_tensors
 from .metrics import N_OUTPUTS
+from .settings import DENSE_FREQUENCY, SelectionConfig, StatsConfig
 
 STEM = "latent_stats"
 FORMAT_VERSION = 1
-RULES = ("f1", "activation_sum")
 
 # Name -> meaning; every array of the file. C = 151 outputs (row 0: label "other"), S = latents, T = top patches.
 STAT_FIELDS = {
@@ -33,16 +33,6 @@ STAT_FIELDS = {
     "top_values_ST": "the latent's T largest codes, descending (0 where it fired on fewer tokens)",
     "top_tokens_ST": "their tokens: image index * n_patches + patch index (-1 where none); ties: lower token first",
 }
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    """How the statistics pass runs."""
-
-    purity: float = 0.9  # a patch is "pure" when this share of its pixels carries its majority label
-    top_patches: int = 8  # top-activating training tokens kept per latent, for the galleries
-    block_images: int = 16  # images encoded per step
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -75,16 +65,16 @@ class LatentStats:
         return np.divide(self.act_sum_S, self.fire_count_S, out=np.zeros(self.d_sae), where=self.fire_count_S > 0)
 
 
-def sparse_codes(sae, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The SAE's non-zero codes of a batch as (token [M], latent [M], value [M]); the SAE's own encoder decides them."""
-    if sae.spec.architecture == "topk":
-        vals_NK, idx_NK = sae.encode_topk(x_ND)
-        tok_NK = torch.arange(len(x_ND), device=x_ND.device)[:, None].expand_as(idx_NK)
-        live = vals_NK > 0
-        return tok_NK[live], idx_NK[live], vals_NK[live]
-    codes_NS = sae.encode(x_ND)
-    tok_M, lat_M = codes_NS.nonzero(as_tuple=True)
-    return tok_M, lat_M, codes_NS[tok_M, lat_M]
+def dense_mask(frequency_S, threshold: float = DENSE_FREQUENCY):
+    """Which latents are dense: those firing on at least `threshold` of the tokens (a numpy array or a tensor)."""
+    return frequency_S >= threshold
+
+
+def nonzero_codes(vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero entries of codes as `Sae.encode` gives them: (token [M], latent [M], value [M]), token-major."""
+    live_NK = vals_NK > 0
+    tok_NK = torch.arange(len(vals_NK), device=vals_NK.device)[:, None].expand_as(idx_NK)
+    return tok_NK[live_NK], idx_NK[live_NK], vals_NK[live_NK]
 
 
 def merge_top(values_ST: torch.Tensor, tokens_ST: torch.Tensor, lat_M: torch.Tensor, val_M: torch.Tensor,
@@ -123,7 +113,7 @@ def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = Stat
     bincount / index_add (the cost scales with the non-zero codes, not tokens x latents)."""
     if sae.spec.d_model != cache.d_model:
         raise ValueError(f"the SAE encodes d_model {sae.spec.d_model}, the cache {cache.path} holds {cache.d_model}")
-    dev = torch.device(config.device)
+    dev = torch.device(config.device or "cpu")
     sae = sae.to(dev)
     S, C, P, T = sae.spec.d_sae, N_OUTPUTS, cache.n_patches, config.top_patches
     acc = {
@@ -144,7 +134,7 @@ def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = Stat
         x_ND = torch.from_numpy(block["activations"]).to(dev, torch.float32).reshape(-1, cache.d_model)
         label_N = torch.from_numpy(block["patch_labels"]).to(dev).reshape(-1).long()
         pure_N = torch.from_numpy(block["patch_purity"]).to(dev).reshape(-1) >= config.purity
-        tok_M, lat_M, val_M = sparse_codes(sae, x_ND)
+        tok_M, lat_M, val_M = nonzero_codes(*sae.encode(x_ND))
         val64_M = val_M.double()
         acc["fire_count_S"] += torch.bincount(lat_M, minlength=S)
         acc["act_sum_S"].index_add_(0, lat_M, val64_M)
@@ -166,7 +156,7 @@ def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = Stat
             "fields": STAT_FIELDS}
     stats = LatentStats(cache.n_tokens, P, arrays, meta)
     log(f"latent stats over {cache.n_tokens} tokens: {int((stats.fire_count_S > 0).sum())} of {S} latents fire, "
-        f"{int((stats.frequency_S >= 1e-2).sum())} on >= 1% of tokens")
+        f"{int(dense_mask(stats.frequency_S).sum())} on >= {DENSE_FREQUENCY:.0%} of tokens")
     return stats
 
 
@@ -187,24 +177,6 @@ def load_latent_stats(folder: Path) -> LatentStats:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Selection
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """How one class's latents are chosen from the statistics."""
-
-    # "f1": F1 of "latent fires" against "patch is class c" over pure training patches (reference rule a);
-    # "activation_sum": sum of codes over class-c patches after dropping dense latents (reference rule b).
-    # f1 is the default: on the embedded data its latents fire on far more held-out class-c patches (README).
-    rule: str = "f1"
-    k: int = 3  # latents kept per class
-    dense_frequency: float = 1e-2  # "activation_sum" drops latents firing on at least this share of tokens
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"selection rule {self.rule!r}: expected one of {RULES}")
-        if self.k < 1:
-            raise ValueError(f"k = {self.k}: at least one latent per class")
 
 
 @dataclass(frozen=True)
@@ -229,9 +201,9 @@ def f1_scores(stats: LatentStats, class_index: int) -> np.ndarray:
 
 
 def activation_sum_scores(stats: LatentStats, class_index: int, dense_frequency: float) -> np.ndarray:
-    """Sum of codes over class-c patches; dense latents (frequency >= dense_frequency) score -inf."""
+    """Sum of codes over class-c patches; dense latents (`dense_mask` at `dense_frequency`) score -inf."""
     scores_S = stats.class_act_sum_CS[class_index].astype(np.float64).copy()
-    scores_S[stats.frequency_S >= dense_frequency] = -np.inf
+    scores_S[dense_mask(stats.frequency_S, dense_frequency)] = -np.inf
     return scores_S
 
 
@@ -286,9 +258,9 @@ def top_patches(stats: LatentStats, latent: int) -> list[tuple[int, int, float]]
 
 def class_latents_record(chosen: ClassLatents, class_key: str, class_name: str, config: SelectionConfig,
                          stats_meta: dict) -> dict:
-    """The JSON of `class_latents/<class_key>.json`: the chosen latents with their scores and statistics."""
+    """The JSON of a class's `class_latents.json`: the chosen latents with their scores and statistics."""
     return {"class_key": class_key, "class_index": chosen.class_index, "class_name": class_name,
             "status": "chosen" if chosen.latents else "empty", "reason": chosen.reason, "rule": chosen.rule,
             "k": config.k, "dense_frequency": config.dense_frequency, "latents": list(chosen.latents),
             "scores": list(chosen.scores), "details": list(chosen.details),
-            "latent_stats": {k: stats_meta.get(k) for k in ("sae_sha256", "train_fingerprint", "purity")}}
+            "purity": stats_meta.get("purity")}

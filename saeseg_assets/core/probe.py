@@ -4,11 +4,10 @@ selection on held-out training images, checkpoint I/O (ours and the reference fo
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -16,56 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import ActivationCache
+from .cache import ActivationCache, Span, chunk_spans, token_batches
 from .checkpoints import CheckpointError, load_tensors, read_reference_checkpoint, save_tensors
+from .settings import SweepConfig
 from .metrics import N_OUTPUTS, ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
 
 STEM = "probe"
-TRAINING_VERSION = 1  # bump when a change to training makes old probes stale
-TARGETS = ("soft", "majority")
-Span = tuple[int, int]  # images [start, stop) of one cache chunk
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """How the probe is trained. Every head is one (lr, weight decay) pair; all heads see the same batches."""
-
-    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the reference's grid
-    weight_decays: tuple[float, ...] = (1e-1, 1e-3, 1e-5)
-    epochs: int = 10  # passes over the training images (held-out ones excluded)
-    batch_size: int = 1024  # tokens per AdamW step
-    held_out_fraction: float = 0.2  # of the training cache's chunks, for selection; never validation
-    seed: int = 0
-    # "soft": each patch's target is its pixel-label histogram, label 0 dropped and weighted by pixel count,
-    # i.e. per-pixel cross-entropy of nearest-upsampled logits; "majority": the patch's majority label, hard.
-    target: str = "soft"
-    buffer_images: int = 256  # images mixed in the shuffle buffer; bounds memory
-    device: str = "cpu"  # not part of the training key: it changes speed, not meaning
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
-            problems.append(f"lrs must be positive, got {list(self.lrs)}")
-        if not self.weight_decays or any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):
-            problems.append(f"weight_decays must be >= 0, got {list(self.weight_decays)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.buffer_images < 1:
-            problems.append("epochs, batch_size and buffer_images must be >= 1")
-        if not 0 < self.held_out_fraction < 1:
-            problems.append(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        if self.target not in TARGETS:
-            problems.append(f"target must be one of {TARGETS}, got {self.target!r}")
-        if problems:
-            raise ValueError("probe sweep config: " + "; ".join(problems))
-
-    @property
-    def grid(self) -> list[tuple[float, float]]:
-        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
-
-    def training_key(self, cache_fingerprint: str) -> str:
-        """Equal for two trainings that must give the same probe: reuse a probe only under the same key."""
-        settings = {k: v for k, v in asdict(self).items() if k != "device"}
-        blob = json.dumps({"version": TRAINING_VERSION, "cache": cache_fingerprint, **settings}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -141,22 +96,8 @@ def check_d_model(probe: Probe, cache: ActivationCache, source: Path | str) -> N
                               f"{cache.path} has d_model {cache.d_model} (another backbone?)")
 
 
-def find_reusable(folder: Path, training_key: str) -> Probe | None:
-    """The probe in `folder` if it was trained under `training_key` and is intact, else None."""
-    try:
-        probe = load_probe(folder)
-    except CheckpointError:
-        return None
-    return probe if probe.meta.get("training_key") == training_key else None
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Data: chunk-aligned spans, a held-out slice, shuffled token batches with pixel-share targets
-
-
-def chunk_spans(cache: ActivationCache) -> list[Span]:
-    c = cache.chunk_images
-    return [(a, min(a + c, cache.n_images)) for a in range(0, cache.n_images, c)]
+# Data: a held-out slice of chunks, per-token targets for the shuffled token batches
 
 
 def split_held_out(cache: ActivationCache, fraction: float, seed: int) -> tuple[list[Span], list[Span]]:
@@ -192,28 +133,11 @@ def majority_targets(patch_labels_Bhw: np.ndarray) -> np.ndarray:
     return targets_NC
 
 
-def training_batches(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig,
-                     rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One shuffled pass over the tokens of `spans`: (acts_ND float32, targets_NC) batches, each token once.
-
-    Chunks come in a random order, `buffer_images` images at a time (the memory bound), and their tokens are shuffled
-    together; the last batch of each buffer fill may be shorter than `batch_size`.
-    """
-    order = [spans[i] for i in rng.permutation(len(spans))]
-    per_fill = max(1, config.buffer_images // cache.chunk_images)
-    label_field = "pixel_labels" if config.target == "soft" else "patch_labels"
-    for g in range(0, len(order), per_fill):
-        group = order[g:g + per_fill]
-        acts_ND = np.concatenate([cache.read("activations", a, b).reshape(-1, cache.d_model) for a, b in group])
-        labels = [cache.read(label_field, a, b) for a, b in group]
-        if config.target == "soft":
-            targets_NC = np.concatenate([pixel_share_targets(x, cache.grid) for x in labels])
-        else:
-            targets_NC = np.concatenate([majority_targets(x) for x in labels])
-        perm = rng.permutation(len(acts_ND))
-        for i in range(0, len(perm), config.batch_size):
-            idx = perm[i:i + config.batch_size]
-            yield acts_ND[idx].astype(np.float32), targets_NC[idx]
+def target_field(config: SweepConfig, grid: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """The cache field the configured target comes from, and what turns its per-image arrays into targets [N, 151]."""
+    if config.target == "soft":
+        return "pixel_labels", lambda pixel_labels_BHW: pixel_share_targets(pixel_labels_BHW, grid)
+    return "patch_labels", majority_targets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,20 +170,25 @@ def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConf
     Returns (W_HCD, b_HC, last epoch's mean loss per head [H]), on the config's device.
     """
     t0 = time.perf_counter()
-    device = torch.device(config.device)
+    device = torch.device(config.device or "cpu")
     grid = config.grid
     # Zero init: the problem is convex, and equal starts make the heads differ only by lr and weight decay.
     weights = [torch.zeros(N_OUTPUTS, cache.d_model, device=device, requires_grad=True) for _ in grid]
     biases = [torch.zeros(N_OUTPUTS, device=device, requires_grad=True) for _ in grid]
     optimizer = torch.optim.AdamW([{"params": [w, b], "lr": lr, "weight_decay": wd}
                                    for (lr, wd), w, b in zip(grid, weights, biases)])
+    # One stream for all epochs; each fill's last short batch is kept, so every token is seen once per epoch.
     rng = np.random.default_rng(config.seed)
+    label_field, to_targets = target_field(config, cache.grid)
     loss_H = torch.full((len(grid),), math.nan)
     for epoch in range(config.epochs):
         loss_sum_H, n_batches = torch.zeros(len(grid), device=device), 0
-        for acts_ND, targets_NC in training_batches(cache, spans, config, rng):
-            loss_H = sweep_losses(torch.stack(weights), torch.stack(biases), torch.from_numpy(acts_ND).to(device),
-                                  torch.from_numpy(targets_NC).to(device))
+        for batch in token_batches(cache, spans, config.batch_size, rng, buffer_images=config.buffer_images,
+                                   fields=("activations", label_field), per_token={label_field: to_targets},
+                                   remainder="yield"):
+            acts_ND = torch.from_numpy(batch["activations"].astype(np.float32)).to(device)
+            loss_H = sweep_losses(torch.stack(weights), torch.stack(biases), acts_ND,
+                                  torch.from_numpy(batch[label_field]).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss_H.sum().backward()
             optimizer.step()
@@ -274,7 +203,7 @@ def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConf
 def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
     """Trains every head on the training spans of the cache (`train_heads`), selects by held-out pixel mIoU."""
     t0 = time.perf_counter()
-    device = torch.device(config.device)
+    device = torch.device(config.device or "cpu")
     train_spans, held_spans = split_held_out(cache, config.held_out_fraction, config.seed)
     grid = config.grid
     n_train = sum(b - a for a, b in train_spans)
@@ -294,8 +223,7 @@ def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str]
     meta = {
         "source": "trained", "lr": grid[best][0], "weight_decay": grid[best][1],
         "selection_miou": float(table["selection_miou"][best]), "sweep": table.to_dict(orient="records"),
-        "train_cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
-        "training_key": config.training_key(cache.fingerprint), "config": asdict(config),
+        "train_cache": {"fingerprint": cache.fingerprint}, "config": config.model_dump(mode="json"),
         "n_train_images": n_train, "held_out_images": [list(s) for s in held_spans], "seconds": round(seconds, 2),
     }
     log(f"selected lr {grid[best][0]:g}, weight decay {grid[best][1]:g}: held-out mIoU {meta['selection_miou']:.3f}")

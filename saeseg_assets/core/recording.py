@@ -15,7 +15,7 @@ import numpy as np
 
 from .ade20k import Sample, describe_preprocessing, load_sample, patch_labels
 from .backbone import Backbone
-from .cache import CacheSettings, CacheWriter, complete_cache, fingerprint
+from .cache import CacheSettings, CacheWriter
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,11 @@ def _gather(futures) -> tuple[np.ndarray, np.ndarray]:
 def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheSettings, out_path: Path,
                  chunk_images: int = 16, log: Callable[[str], None] = print,
                  log_every_s: float = 10.0) -> RecordingSummary:
-    """Records `samples` into the cache at `out_path`, resuming an interrupted recording of the same settings.
-
-    A complete cache of the same settings and images at `out_path` is reused as it is (n_recorded = 0).
-    """
-    key = fingerprint(settings, [s.image_id for s in samples])
-    existing = complete_cache(out_path)
-    if existing is not None and existing.fingerprint == key:
-        log(f"{out_path.name}: reusing the complete cache of the same settings ({existing.n_images} images)")
-        return RecordingSummary(out_path, key, existing.n_images, 0, 0.0)
+    """Records `samples` into the cache at `out_path`, resuming an interrupted recording of the same settings."""
     writer = CacheWriter(out_path, settings, [s.image_id for s in samples], chunk_images=chunk_images)
     first = writer.n_written
     if first:
-        log(f"resuming {out_path.name} at image {first} of {writer.n_images}")
+        log(f"resuming the {settings.split} recording at image {first} of {writer.n_images}")
     starts = list(range(first, writer.n_images, chunk_images))
     t0 = last_log = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -79,7 +71,7 @@ def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheS
             now = time.perf_counter()
             if now - last_log >= log_every_s or i + 1 == len(starts):
                 done = writer.n_written - first
-                log(f"{out_path.name}: {writer.n_written}/{writer.n_images} images ({done / (now - t0):.1f} images/s)")
+                log(f"{settings.split}: {writer.n_written}/{writer.n_images} images ({done / (now - t0):.1f} images/s)")
                 last_log = now
     seconds = time.perf_counter() - t0
     writer.finish({"seconds": round(seconds, 3)})

@@ -67,30 +67,35 @@ class Sae(nn.Module):
     def pre_activations(self, x_ND: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_enc_S, x_ND - self.b_dec_D, self.W_enc_SD.T)
 
-    def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """Dense codes [N, d_sae] (mostly zeros for topk)."""
-        pre_NS = self.pre_activations(x_ND)
-        if self.spec.architecture == "relu":
-            return F.relu(pre_NS)
-        vals_NK, idx_NK = pre_NS.topk(self.spec.k, dim=1, sorted=False)
-        return torch.zeros_like(pre_NS).scatter_(1, idx_NK, F.relu(vals_NK))
+    def encode(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
+               k_aux: int = 0) -> tuple[torch.Tensor, ...]:
+        """The codes of each token as (values_NK, indices_NK): token n has code values[n, j] (>= 0) on latent
+        indices[n, j]. topk: the k selected latents (a selected one may be 0 after the ReLU), with the sparse backward;
+        relu: every latent in order (K = d_sae), the indices a broadcast view, not a copy.
 
-    def encode_topk(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse codes of a topk SAE: values [N, k] (>= 0) and latent indices [N, k]."""
-        vals_NK, idx_NK, _, _ = topk_encode(x_ND, self.W_enc_SD, self.b_enc_S, self.b_dec_D, self.spec.k)
-        return vals_NK, idx_NK
+        With a [d_sae] mask `dead_S` (training), also the top `k_aux` pre-activations among the masked latents for the
+        AuxK loss, taken from the same matmul: (values_NK, indices_NK, aux_values_NA, aux_indices_NA); A = 0 for relu.
+        """
+        N = len(x_ND)
+        if self.spec.architecture == "topk":
+            codes = _TopKEncode.apply(x_ND, self.W_enc_SD, self.b_enc_S, self.b_dec_D, self.spec.k, dead_S, k_aux)
+            return codes if dead_S is not None else codes[:2]
+        values_NS = F.relu(self.pre_activations(x_ND))
+        indices_NS = torch.arange(self.spec.d_sae, device=x_ND.device).expand(N, -1)
+        if dead_S is None:
+            return values_NS, indices_NS
+        return values_NS, indices_NS, values_NS.new_zeros(N, 0), indices_NS.new_zeros(N, 0)
 
-    def decode(self, codes_NS: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.b_dec_D, codes_NS, self.W_dec_SD)
-
-    def decode_sparse(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Decodes from the active latents only: the cost and the W_dec gradient scale with k, not d_sae."""
-        return sparse_decode(vals_NK, idx_NK, self.W_dec_SD) + self.b_dec_D
+    def decode(self, values_NK: torch.Tensor, indices_NK: torch.Tensor) -> torch.Tensor:
+        """x_hat [N, d_model] from codes laid out as `encode` gives them: relu's every-latent codes (in latent order)
+        through one dense matmul, any other layout through the sparse kernel, whose cost and W_dec gradient scale
+        with the entries per token, not with d_sae."""
+        if self.spec.architecture == "relu" and indices_NK.shape[1] == self.spec.d_sae:
+            return torch.addmm(self.b_dec_D, values_NK, self.W_dec_SD)
+        return sparse_decode(values_NK, indices_NK, self.W_dec_SD) + self.b_dec_D
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        if self.spec.architecture == "topk":
-            return self.decode_sparse(*self.encode_topk(x_ND))
-        return self.decode(self.encode(x_ND))
+        return self.decode(*self.encode(x_ND))
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -206,12 +211,6 @@ def scatter_rows(idx_NM: torch.Tensor, weights_NM: torch.Tensor, rows_ND: torch.
     offsets_S[1:] = torch.bincount(flat, minlength=n_out)[:-1].cumsum(0)
     return F.embedding_bag(order // max(idx_NM.shape[1], 1), rows_ND, offsets_S,
                            per_sample_weights=weights_NM.reshape(-1)[order].to(rows_ND.dtype), mode="sum")
-
-
-def topk_encode(x_ND, W_enc_SD, b_enc_S, b_dec_D, k: int, dead_S: torch.Tensor | None = None, k_aux: int = 0):
-    """(vals [N, k], idx [N, k], aux_vals [N, a], aux_idx [N, a]): the TopK codes, and the top k_aux among the
-    latents flagged in dead_S (a = 0 when none are flagged). Values are ReLU'd, in the weights' dtype."""
-    return _TopKEncode.apply(x_ND, W_enc_SD, b_enc_S, b_dec_D, k, dead_S, k_aux)
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------------

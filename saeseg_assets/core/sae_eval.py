@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ActivationCache
+from .latents import dense_mask
 from .sae import Sae
 
 
@@ -21,7 +22,7 @@ class SaeMetrics:
     mse: float  # sum ||x - x_hat||^2 / (tokens * d_model), in the activations' units
     l0: float  # active latents per token
     dead_fraction: float  # share of latents that never fire on the set
-    dense_fraction: float  # share of latents that fire on more than 1% of the tokens
+    dense_fraction: float  # share of dense latents (`latents.dense_mask`: firing on at least 1% of the tokens)
     n_tokens: int
 
 
@@ -56,7 +57,7 @@ class EvalTotals:
                           mse=self.sum_sq_err / (n * d),
                           l0=float(self.fires_S.sum()) / n,
                           dead_fraction=float((self.fires_S == 0).double().mean()),
-                          dense_fraction=float((self.fires_S > 0.01 * n).double().mean()),
+                          dense_fraction=float(dense_mask(self.fires_S / n).double().mean()),
                           n_tokens=self.n)
 
 
@@ -69,13 +70,7 @@ def evaluate_sae(sae: Sae, cache: ActivationCache, device: str = "cpu", block_im
     totals = EvalTotals(sae.spec.d_model, sae.spec.d_sae)
     for _, block in cache.iter_blocks(("activations",), block_images):
         x_ND = torch.from_numpy(block["activations"]).reshape(-1, cache.d_model).to(device).float()
-        if sae.spec.architecture == "topk":
-            vals_NK, idx_NK = sae.encode_topk(x_ND)
-            x_hat_ND = sae.decode_sparse(vals_NK, idx_NK)
-            fires_S = torch.bincount(idx_NK[vals_NK > 0], minlength=sae.spec.d_sae)
-        else:
-            codes_NS = sae.encode(x_ND)
-            x_hat_ND = sae.decode(codes_NS)
-            fires_S = (codes_NS > 0).sum(0)
-        totals.add(x_ND, x_hat_ND, fires_S)
+        vals_NK, idx_NK = sae.encode(x_ND)
+        fires_S = torch.bincount(idx_NK[vals_NK > 0], minlength=sae.spec.d_sae)
+        totals.add(x_ND, sae.decode(vals_NK, idx_NK), fires_S)
     return totals.metrics()

@@ -1,4 +1,4 @@
-"""Training a sparse autoencoder on an activation cache: reused when done, resumed after kill -9.
+"""Training a sparse autoencoder on an activation cache, resumable after kill -9.
 
 The loop streams shuffled tokens from the cache epoch after epoch; trainer state is saved now and then, atomically.
 """
@@ -6,58 +6,39 @@ The loop streams shuffled tokens from the cache epoch after epoch; trainer state
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .cache import ActivationCache, token_batches
-from .checkpoints import CheckpointError, write_atomic
-from .sae import STEM, Sae, SaeSpec, load_sae, save_sae, sparse_decode, topk_encode
-from .sae_config import MAX_DEAD_TOKENS, TrainConfig
+from .cache import ActivationCache, chunk_spans, prefetch, token_batches
+from .store import Spec, write_atomic
+from .sae import Sae, SaeSpec, load_sae, save_sae, sparse_decode
+from .settings import MAX_DEAD_TOKENS, TrainConfig
 
 STATE_FILE = "trainer_state.safetensors"
 _SUMMED = ("loss", "fvu", "l0", "steps")  # per-step figures averaged over each log interval
 
 
-@dataclass(frozen=True)
-class FittedSae:
-    sae: Sae
-    meta: dict  # the content of sae.json
-    reused: bool  # True: trained earlier with the same settings on the same cache, loaded as it was
-
-
 def fit_sae(cache: ActivationCache, config: TrainConfig, folder: Path, *, log: Callable[[str], None] = print,
-            **train_options) -> FittedSae:
-    """The SAE for (config, cache) in `folder` (sae.safetensors + sae.json): loaded if it was trained before,
-    else trained (resuming a killed run from `folder/trainer_state.safetensors`) and then saved."""
+            **train_options) -> tuple[Sae, dict]:
+    """Trains the SAE for (config, cache) into `folder` (sae.safetensors + sae.json), resuming a killed run from
+    `folder/trainer_state.safetensors`; returns the saved model and its sae.json."""
     folder = Path(folder)
-    key = config.key(cache.fingerprint)
-    try:
-        if json.loads((folder / f"{STEM}.json").read_text()).get("training_key") == key:
-            sae, meta = load_sae(folder)
-            log(f"reusing the SAE in {folder}: trained with the same settings on the same cache ({key})")
-            return FittedSae(sae, meta, reused=True)
-    except (OSError, ValueError, CheckpointError):
-        pass  # nothing usable there: train
     run = train_sae(cache, config, folder / STATE_FILE, log=log, **train_options)
-    meta = {"training_key": key, "training": asdict(config), "tokens_trained": run.tokens_trained,
-            "source_cache": {"path": str(cache.path), "fingerprint": cache.fingerprint,
-                             "backbone": cache.attrs.get("backbone"), "layer": cache.attrs.get("layer"),
-                             "n_tokens": cache.n_tokens},
-            "train_seconds": run.history[-1]["seconds"] if run.history else run.seconds, "history": run.history}
+    meta = {"training": config.model_dump(mode="json"), "tokens_trained": run.tokens_trained,
+            "source_cache": {"fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
+                             "layer": cache.attrs.get("layer"), "n_tokens": cache.n_tokens},
+            "train_seconds": run.history[-1]["seconds"] if run.history else run.seconds, "history": run.history,
+            "resumed_at_step": run.resumed_at_step, "restart_reason": run.restart_reason}
     if config.architecture == "relu":
         meta["l1_coeff"] = config.l1_coeff
     save_sae(run.sae, folder, meta)
     (folder / STATE_FILE).unlink(missing_ok=True)
-    sae, meta = load_sae(folder)
-    return FittedSae(sae, meta, reused=False)
+    return load_sae(folder)
 
 
 @dataclass
@@ -67,6 +48,7 @@ class TrainingRun:
     history: list[dict]  # one row per log interval: step, tokens, seconds, loss, fvu, l0, dead_fraction
     seconds: float  # wall time of this call (a resumed run counts only its own part)
     resumed_at_step: int = 0
+    restart_reason: str = ""  # why a saved trainer state could not be used and training began again at step 0
 
 
 @dataclass
@@ -89,8 +71,8 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
               after_step: Callable[[int], None] | None = None) -> TrainingRun:
     """Trains an SAE on `cache`, resuming from `state_file` when it holds a run of the same key."""
     t_start = time.perf_counter()
-    device = torch.device(config.device)
-    key = config.key(cache.fingerprint)
+    device = torch.device(config.device or "cpu")
+    key = _state_key(config, cache)
     spec = SaeSpec(config.architecture, cache.d_model, config.expansion * cache.d_model,
                    config.k if config.architecture == "topk" else 0)
     if config.batch_size > cache.n_tokens:
@@ -98,7 +80,12 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
     dead_tokens = config.dead_tokens or min(MAX_DEAD_TOKENS, max(cache.n_tokens // 2, config.batch_size))
     k_aux = config.aux_k or max(1, cache.d_model // 2)
 
-    state = _load_state(state_file, key, spec)
+    state, restart_reason = None, ""
+    try:
+        state = _load_state(state_file, key, spec)
+    except _UnusableState as exc:
+        restart_reason = str(exc)
+        log(f"WARNING: {restart_reason}; training starts again from step 0")
     if state is not None:
         log(f"resuming SAE training at step {state.step} of {config.total_steps} from {state_file}")
     else:
@@ -111,7 +98,8 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
         optimizer.load_state_dict(state.optimizer)
     since_fired_S = (state.tokens_since_fired_S if state.tokens_since_fired_S is not None
                      else torch.zeros(spec.d_sae, dtype=torch.long)).to(device)
-    stream = _ahead(_token_stream(cache, config, state.epoch, state.batch_in_epoch))
+    # Four batches ahead: shuffling, the fp16 -> fp32 copy and the first read of each pass overlap the steps.
+    stream = prefetch(_token_stream(cache, config, state.epoch, state.batch_in_epoch), depth=4)
     sums = {name: torch.tensor(state.sums.get(name, 0.0), device=device) for name in _SUMMED}
     t_log, timed_from, last_save = time.perf_counter(), state.step, time.perf_counter()
 
@@ -148,7 +136,7 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
 
     stream.close()
     return TrainingRun(_unscaled(sae, state.scale), config.total_steps * config.batch_size, state.history,
-                       time.perf_counter() - t_start, resumed_at)
+                       time.perf_counter() - t_start, resumed_at, restart_reason)
 
 
 def train_step(sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, config: TrainConfig, lr: float,
@@ -170,28 +158,21 @@ def train_step(sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, c
 def _loss(sae: Sae, x_ND: torch.Tensor, config: TrainConfig, dead_S: torch.Tensor,
           k_aux: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss on inputs of unit variance, and per-batch figures (summed tensors, no host sync)."""
-    if config.architecture == "topk":
-        vals_NK, idx_NK, aux_vals_NA, aux_idx_NA = topk_encode(
-            x_ND, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, config.k, dead_S, k_aux)
-        x_hat_ND = sae.decode_sparse(vals_NK, idx_NK)
-        err_ND = x_ND - x_hat_ND
-        loss = err_ND.pow(2).mean()
-        if aux_idx_NA.shape[1]:
-            # AuxK: the dead latents' best guess at what the live ones missed, scale-free like the main loss.
-            residual_ND = err_ND.detach()
-            aux_hat_ND = sparse_decode(aux_vals_NA, aux_idx_NA, sae.W_dec_SD)
-            aux = (aux_hat_ND - residual_ND).pow(2).sum() / residual_ND.pow(2).sum().clamp_min(1e-12)
-            loss = loss + config.aux_coeff * aux
-        active_NK = vals_NK.detach() > 0
-        fired = idx_NK[active_NK]
-        l0 = active_NK.sum() / len(x_ND)
-    else:
-        codes_NS = F.relu(sae.pre_activations(x_ND))
-        err_ND = x_ND - sae.decode(codes_NS)
-        loss = err_ND.pow(2).mean() + config.l1_coeff * codes_NS.sum(dim=1).mean()
-        active_NS = codes_NS.detach() > 0
-        fired = active_NS.any(dim=0).nonzero().squeeze(1)
-        l0 = active_NS.sum() / len(x_ND)
+    vals_NK, idx_NK, aux_vals_NA, aux_idx_NA = sae.encode(x_ND, dead_S, k_aux)
+    err_ND = x_ND - sae.decode(vals_NK, idx_NK)
+    loss = err_ND.pow(2).mean()
+    if aux_idx_NA.shape[1]:
+        # AuxK: the dead latents' best guess at what the live ones missed, scale-free like the main loss.
+        residual_ND = err_ND.detach()
+        aux_hat_ND = sparse_decode(aux_vals_NA, aux_idx_NA, sae.W_dec_SD)
+        aux = (aux_hat_ND - residual_ND).pow(2).sum() / residual_ND.pow(2).sum().clamp_min(1e-12)
+        loss = loss + config.aux_coeff * aux
+    if config.architecture == "relu":
+        # ReLU codes are sparse only under the L1 penalty (TopK's sparsity is built in).
+        loss = loss + config.l1_coeff * vals_NK.sum(dim=1).mean()
+    active_NK = vals_NK.detach() > 0
+    fired = idx_NK[active_NK]
+    l0 = active_NK.sum() / len(x_ND)
     batch_fvu = err_ND.detach().pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
     return loss, {"loss": loss.detach(), "fvu": batch_fvu, "l0": l0, "fired": fired}
 
@@ -211,57 +192,22 @@ def _token_stream(cache: ActivationCache, config: TrainConfig, epoch: int,
 
     A resumed run re-creates the epoch it stopped in and skips the batches it had already trained on.
     """
+    spans = chunk_spans(cache)
     while True:
-        seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-        batches = token_batches(cache, config.batch_size, seed=seed, buffer_images=config.buffer_images)
+        rng = np.random.default_rng(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+        batches = token_batches(cache, spans, config.batch_size, rng, buffer_images=config.buffer_images)
         for i, batch in enumerate(batches):
             if i >= skip:
                 yield epoch, i, torch.from_numpy(batch["activations"]).float()
         epoch, skip = epoch + 1, 0
 
 
-def _ahead(items: Iterator, depth: int = 4) -> Iterator:
-    """Runs `items` in a background thread, `depth` ahead, so that shuffling, the fp16 -> fp32 copy and the first read
-    of each new pass overlap the training step. Closing the returned generator stops the thread."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def offer(entry: tuple[bool, object]) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer((True, item)):
-                    return
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            offer((False, exc))
-        finally:
-            items.close()
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = out.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _data_statistics(cache: ActivationCache, config: TrainConfig, n_sample: int = 16_384) -> tuple[torch.Tensor, float]:
     """Mean and the scale that gives the centred inputs unit variance per dimension, from a shuffled sample."""
     n = min(n_sample, cache.n_tokens)
-    sample = next(token_batches(cache, n, seed=config.seed, buffer_images=config.buffer_images))["activations"]
+    batches = token_batches(cache, chunk_spans(cache), n, np.random.default_rng(config.seed),
+                            buffer_images=config.buffer_images)
+    sample = next(batches)["activations"]
     x_ND = torch.from_numpy(sample).double()
     mean_D = x_ND.mean(0)
     scale = float((x_ND - mean_D).pow(2).sum(1).mean().div(cache.d_model).sqrt().clamp_min(1e-12))
@@ -309,9 +255,19 @@ def _save_state(path: Path, key: str, state: _State, optimizer: torch.optim.Opti
                                   metadata={"trainer": json.dumps(meta)}))
 
 
+class _UnusableState(Exception):
+    """A saved trainer state that cannot be resumed; the message names the file and the reason."""
+
+
+def _state_key(config: TrainConfig, cache: ActivationCache) -> str:
+    """Equal for runs that must give the same weights: a state is resumed only under the same key."""
+    return Spec("sae_training", 1, config.identity(), {"cache": cache.fingerprint}).key
+
+
 def _load_state(path: Path, key: str, spec: SaeSpec) -> _State | None:
-    """The saved state of the run with this key, or None (no file, another run's, or unreadable: start afresh)."""
-    from safetensors import safe_open
+    """The saved state of the run with this key; None where there is no file; `_UnusableState` where there is one
+    that cannot be resumed (another run's, or unreadable, e.g. torn by a full disk)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
@@ -320,10 +276,11 @@ def _load_state(path: Path, key: str, spec: SaeSpec) -> _State | None:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["trainer"])
             if meta["key"] != key:
-                return None
+                raise _UnusableState(f"{path}: the trainer state belongs to another run (key {meta['key']}, "
+                                     f"this run {key})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception:  # a state we cannot read is only lost time, never an error
-        return None
+    except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise _UnusableState(f"{path}: unreadable trainer state ({type(exc).__name__}: {exc})") from exc
     sae = Sae(spec)
     sae.load_state_dict({name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")})
     slots: dict[int, dict] = {}

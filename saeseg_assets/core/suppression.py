@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .logit_shift import LogitShift, PatchBaseline, PixelBaseline
 from .metrics import N_OUTPUTS, ConfusionMatrix
-from .suppression_config import SuppressionConfig
+from .settings import SuppressionConfig
 from .val_codes import ValCodes
 
 @contextlib.contextmanager
@@ -110,15 +110,17 @@ def direction_shift(model: SuppressionModel, edit: Edit, direction_D: torch.Tens
 def edited_activations(sae, x_ND: torch.Tensor, latents: tuple[int, ...], values_L: torch.Tensor,
                        mode: str) -> torch.Tensor:
     """The explicit form: encode, keep the error term x - x_hat, set the chosen codes to v, decode, add the error."""
-    codes_NS = sae.encode(x_ND)
-    error_ND = x_ND - sae.decode(codes_NS)
-    edited_NS = codes_NS.clone()
-    index = list(latents)
-    rows = torch.ones(len(x_ND), dtype=torch.bool) if mode == "every_token" else (codes_NS[:, index] > 0).any(1)
-    sub = edited_NS[rows]
-    sub[:, index] = values_L.to(sub.dtype)
-    edited_NS[rows] = sub
-    return sae.decode(edited_NS) + error_ND
+    vals_NK, idx_NK = sae.encode(x_ND)
+    error_ND = x_ND - sae.decode(vals_NK, idx_NK)
+    index_L = torch.tensor(latents, dtype=torch.long, device=x_ND.device)
+    chosen_NKL = idx_NK[:, :, None] == index_L
+    codes_NL = (vals_NK[:, :, None] * chosen_NKL).sum(1)  # 0 where a chosen latent was not selected
+    rows_N = torch.ones_like(codes_NL[:, 0], dtype=torch.bool) if mode == "every_token" else (codes_NL > 0).any(1)
+    edited_NL = torch.where(rows_N[:, None], values_L.to(codes_NL.dtype), codes_NL)
+    # The chosen latents leave the token's codes and come back as columns of their own, edited where the mode says.
+    vals_NM = torch.cat([vals_NK.masked_fill(chosen_NKL.any(2), 0.0), edited_NL], 1)
+    idx_NM = torch.cat([idx_NK, index_L.expand(len(x_ND), -1)], 1)
+    return sae.decode(vals_NM, idx_NM) + error_ND
 
 
 def matched_latents(frequency_S: np.ndarray, latents: tuple[int, ...], rng: np.random.Generator,
@@ -236,7 +238,7 @@ def _evaluate_class(model: SuppressionModel, class_index: int, latents: tuple[in
     n_pixels = int(model.pixels_BC[:, class_index].sum())
     n_patches = int((model.patch.labels_N == class_index).sum())
     base = {"class_index": class_index, "latents": list(latents), "scale": float(config.scale), "mode": config.mode,
-            "target_pixels": n_pixels, "target_patches": n_patches, "config": asdict(config)}
+            "target_pixels": n_pixels, "target_patches": n_patches, "config": config.model_dump(mode="json")}
     if n_pixels == 0:
         return {**base, "status": "absent_from_validation",
                 "reason": "no validation pixel carries this class: nothing to measure"}
@@ -316,13 +318,12 @@ def load_model(sae_folder, probe_folder, stats_folder, codes_folder, val_cache) 
     from .sae import load_sae
     from .val_codes import load_val_codes
 
-    sae, sae_meta = load_sae(sae_folder)
+    sae, _ = load_sae(sae_folder)
     probe = load_probe(probe_folder)
     stats = load_latent_stats(stats_folder)
     codes = load_val_codes(codes_folder)
-    made_for = {stats.meta.get("sae_sha256"), codes.meta.get("sae_sha256"), sae_meta.get("weights_sha256")} - {None}
-    if (codes.n_tokens != val_cache.n_tokens or stats.d_sae != sae.spec.d_sae or codes.d_sae != sae.spec.d_sae
-            or len(made_for) > 1):
+    # Which SAE each input was made from is the caller's to check (the store's manifests); this catches a mix-up.
+    if codes.n_tokens != val_cache.n_tokens or stats.d_sae != sae.spec.d_sae or codes.d_sae != sae.spec.d_sae:
         raise ValueError(f"{codes_folder} / {stats_folder} do not match the SAE in {sae_folder} and the cache "
                          f"{val_cache.path}: materialize latent_stats and val_codes again")
     labels_N = torch.from_numpy(val_cache.read("patch_labels", 0, val_cache.n_images)).reshape(-1)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .ade20k import class_by_key
+from .tables import markdown_table
 
 REPORT_VERSION = 1
 # The metadata of the configured setting, by the names the issue fixes.
@@ -74,21 +75,13 @@ def dose_markdown(report: dict) -> str:
         return "(no dose-response: " + (report.get("reason") or "not evaluated") + ")"
     short = {"random_latents": "rand. latents", "random_direction": "rand. dir.", "target": "target",
              "other": "other", "change_rate": "change", "patch_accuracy": "patch acc."}
-    header = []
+    headers = []
     for column in DOSE_COLUMNS:
         label = column
         for long, brief in short.items():
             label = label.replace(long, brief)
-        header.append(label.replace("_", " "))
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(DOSE_COLUMNS)]
-    for row in rows:
-        cells = []
-        for column in DOSE_COLUMNS:
-            value = row.get(column)
-            cells.append("**yes**" if value is True else "no" if value is False else
-                         "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        headers.append(label.replace("_", " "))
+    return markdown_table(rows, DOSE_COLUMNS, headers)
 
 
 def report_markdown(report: dict, class_name: str) -> str:
@@ -173,10 +166,5 @@ def best_setting(counts: pd.DataFrame) -> tuple[str, float, int]:
 
 
 def table_markdown(table: pd.DataFrame, columns: list[str], max_rows: int = 160) -> str:
-    if table.empty:
-        return "(no rows)"
-    shown = table[columns].head(max_rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in shown.iterrows():
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
+    """A summary table as markdown: `markdown_table`, at most one row per class by default."""
+    return markdown_table(table, columns, max_rows=max_rows)

@@ -11,7 +11,7 @@ import torch
 
 from .cache import ActivationCache
 from .checkpoints import CheckpointError, load_tensors, save_tensors
-from .latents import sparse_codes
+from .latents import nonzero_codes
 from .metrics import grid_logits, pixel_predictions
 
 STEM = "val_codes"
@@ -76,7 +76,7 @@ def compute_val_codes(sae, probe, cache: ActivationCache, device: str = "cpu", b
     for start, block in cache.iter_blocks(("activations",), block_images):
         acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
         x_ND = acts_BPD.reshape(-1, cache.d_model)
-        tok_M, lat_M, val_M = sparse_codes(sae, x_ND)
+        tok_M, lat_M, val_M = nonzero_codes(*sae.encode(x_ND))
         tok_parts.append(tok_M.cpu() + start * cache.n_patches)
         lat_parts.append(lat_M.cpu())
         val_parts.append(val_M.float().cpu())

@@ -1,0 +1,43 @@
+"""Launchpad config classes made from the core's settings models, so each setting is defined once (in
+`core/settings.py`) and the launchpad shows its doc and default."""
+
+from __future__ import annotations
+
+import typing
+
+import dagster as dg
+import pydantic
+
+from .core.settings import Settings
+
+_SETTINGS: dict[type, type[Settings]] = {}
+
+
+class SettingsConfig(dg.Config):
+    """A launchpad config whose fields are those of one core settings model (plus Dagster-only fields)."""
+
+    def settings(self, **overrides) -> Settings:
+        """The core settings these values give, validated there; `overrides` fill in what resources decide."""
+        model = _SETTINGS[type(self)]
+        return model(**{**{name: getattr(self, name) for name in model.model_fields}, **overrides})
+
+
+def _launchpad_type(annotation):
+    # Dagster config has lists, not tuples; the core model turns the list back into its tuple.
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
+
+
+def launchpad_config(name: str, model: type[Settings], **extra_fields) -> type[SettingsConfig]:
+    """A `dagster.Config` class named `name` with one field per field of `model`: same type, default and doc (the
+    default repeated in the doc, where the launchpad shows it). `extra_fields`: (type, pydantic.Field) of settings
+    that only the Dagster layer has, such as an import path."""
+    fields = {}
+    for field_name, info in model.model_fields.items():
+        default = list(info.default) if isinstance(info.default, tuple) else info.default
+        fields[field_name] = (_launchpad_type(info.annotation),
+                              pydantic.Field(default=default, description=f"{info.description} Default: {default!r}."))
+    config = pydantic.create_model(name, __base__=SettingsConfig, __doc__=model.__doc__, **fields, **extra_fields)
+    _SETTINGS[config] = model
+    return config

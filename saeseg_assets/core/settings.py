@@ -1,0 +1,198 @@
+"""Every setting of the pipeline's stages, each written once: name, type, default and a one-sentence doc.
+
+Free of torch, so the Dagster layer builds its launchpad config from these models when the definitions load.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A latent is dense when it fires on at least this share of tokens (the reference's rule b, and our dense_fraction).
+DENSE_FREQUENCY = 1e-2
+# Gao et al. (2024) call a latent dead after 10M tokens without firing; small caches need a shorter window.
+MAX_DEAD_TOKENS = 10_000_000
+ARCHITECTURES = ("topk", "relu")
+TARGETS = ("soft", "majority")
+RULES = ("f1", "activation_sum")
+MODES = ("every_token", "where_active")
+DEVICE_DOC = "Compute device, 'cpu' or 'cuda'; empty means the backbone resource's device (env SAESEG_DEVICE)."
+
+
+class Settings(BaseModel):
+    """A frozen record of settings. `identity()` is what decides the output: operational fields (device, logging,
+    block sizes that change speed only) are left out of it, so changing them reuses what exists."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
+
+
+class TrainConfig(Settings):
+    """How the SAE is trained on the training activations (defaults fit the embedded demo)."""
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device", "log_every_steps", "save_every_s"})
+    _TOPK_ONLY: ClassVar[tuple[str, ...]] = ("k", "aux_k", "aux_coeff", "dead_tokens")
+    _RELU_ONLY: ClassVar[tuple[str, ...]] = ("l1_coeff",)
+
+    architecture: str = Field("topk", description="The SAE's activation: 'topk' keeps the k largest pre-activations "
+                              "per token and trains dead latents with the AuxK loss; 'relu' is the original "
+                              "experiment's ReLU with an L1 penalty.")
+    expansion: int = Field(16, description="Latents per model dimension, so the SAE has expansion x d_model latents.")
+    k: int = Field(32, description="Latents active per token for the topk architecture.")
+    l1_coeff: float = Field(4e-3, description="Weight of the L1 penalty sum|f| per token for the relu architecture, "
+                            "on inputs scaled to unit variance per dimension.")
+    aux_k: int = Field(0, description="Dead latents that model the residual in the AuxK loss; 0 means d_model / 2.")
+    aux_coeff: float = Field(1 / 32, description="Weight of the AuxK loss relative to the reconstruction loss.")
+    dead_tokens: int = Field(0, description="Tokens without firing after which a latent counts as dead for AuxK; "
+                             "0 means half a pass over the training cache, at most 10 million.")
+    lr: float = Field(2e-3, description="Adam's peak learning rate.")
+    warmup_steps: int = Field(50, description="Optimizer steps of linear learning-rate warm-up from 0.")
+    decay_fraction: float = Field(0.8, description="Final share of the steps over which the learning rate falls "
+                                  "linearly to 0.")
+    grad_clip: float = Field(1.0, description="Largest global gradient norm; larger gradients are scaled down.")
+    batch_size: int = Field(1024, description="Tokens per optimizer step.")
+    train_tokens: int = Field(614_400, description="Tokens to train on in all; the cache is passed over repeatedly, "
+                              "shuffled anew each pass (the default is 10 passes over the embedded demo).")
+    seed: int = Field(0, description="Seed of the initialization and the data order.")
+    buffer_images: int = Field(64, description="Images whose tokens are mixed in the shuffle buffer; memory is about "
+                               "buffer_images x patches x d_model x 2 bytes.")
+    bf16: bool = Field(False, description="Whether the encoder matmul runs under bf16 autocast (meant for cuda).")
+    device: str = Field("", description=DEVICE_DOC)
+    log_every_steps: int = Field(50, description="Optimizer steps between progress lines (tokens/s, loss, FVU, L0).")
+    save_every_s: float = Field(60.0, description="Seconds between saves of the trainer state, from which a killed "
+                                "run resumes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r}: expected one of {ARCHITECTURES}")
+        if min(self.expansion, self.batch_size, self.train_tokens, self.buffer_images) < 1:
+            raise ValueError("expansion, batch_size, train_tokens and buffer_images must be at least 1")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.train_tokens // self.batch_size)
+
+    def identity(self) -> dict:
+        ignored = self._RELU_ONLY if self.architecture == "topk" else self._TOPK_ONLY
+        return {k: v for k, v in super().identity().items() if k not in ignored}
+
+
+class SweepConfig(Settings):
+    """How the linear probe is trained: one head per (learning rate, weight decay) pair, all on the same batches."""
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    lrs: tuple[float, ...] = Field((3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+                                   description="AdamW learning rates of the sweep (the reference's grid).")
+    weight_decays: tuple[float, ...] = Field((1e-1, 1e-3, 1e-5), description="AdamW (decoupled) weight decays of "
+                                             "the sweep; every pair with a learning rate is one head.")
+    epochs: int = Field(10, description="Passes over the training images, the held-out ones excluded.")
+    batch_size: int = Field(1024, description="Patch tokens per AdamW step, shared by all heads.")
+    held_out_fraction: float = Field(0.2, description="Share of the training cache's chunks held out to select the "
+                                     "head by pixel mIoU; validation is never used for training or selection.")
+    seed: int = Field(0, description="Seed of the held-out draw and the token shuffling.")
+    target: str = Field("soft", description="Training target per patch: 'soft' is its pixel-label shares (per-pixel "
+                        "cross-entropy), 'majority' its majority label; label 0 is ignored either way.")
+    buffer_images: int = Field(256, description="Images whose tokens are mixed in the shuffle buffer; bounds memory.")
+    device: str = Field("", description=DEVICE_DOC)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        problems = []
+        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+            problems.append(f"lrs must be positive, got {list(self.lrs)}")
+        if not self.weight_decays or any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):
+            problems.append(f"weight_decays must be >= 0, got {list(self.weight_decays)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.buffer_images < 1:
+            problems.append("epochs, batch_size and buffer_images must be >= 1")
+        if not 0 < self.held_out_fraction < 1:
+            problems.append(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {TARGETS}, got {self.target!r}")
+        if problems:
+            raise ValueError("probe sweep config: " + "; ".join(problems))
+        return self
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
+
+
+class StatsConfig(Settings):
+    """How the one statistics pass of the SAE over the training activations runs."""
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device", "block_images"})
+
+    purity: float = Field(0.9, description="A patch is pure when at least this share of its pixels carries its "
+                          "majority label; the f1 rule scores on pure patches only.")
+    top_patches: int = Field(8, description="Top-activating training patches kept per latent, for the galleries.")
+    block_images: int = Field(16, description="Images encoded per step.")
+    device: str = Field("", description=DEVICE_DOC)
+
+
+class SelectionConfig(Settings):
+    """How each class's latents are chosen from the latent statistics."""
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"gallery_patches"})
+
+    rule: str = Field("f1", description="Ranking rule: 'f1' scores a latent by the F1 of 'it fires' against 'the "
+                      "patch is class c' over pure training patches; 'activation_sum' by its summed activation over "
+                      "class-c patches after dropping dense latents.")
+    k: int = Field(3, description="Latents kept per class, best first.")
+    dense_frequency: float = Field(DENSE_FREQUENCY, description="The activation_sum rule drops latents that fire on "
+                                   "at least this share of training tokens.")
+    gallery_patches: int = Field(6, description="Top-activating training patches shown per latent in the gallery.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SelectionConfig:
+        if self.rule not in RULES:
+            raise ValueError(f"selection rule {self.rule!r}: expected one of {RULES}")
+        if self.k < 1:
+            raise ValueError(f"k = {self.k}: at least one latent per class")
+        return self
+
+
+class SuppressionConfig(Settings):
+    """The configured suppression, its controls, the dose-response sweep and the class-specificity rule."""
+
+    scale: float = Field(-2.0, description="Each chosen latent is set to scale x its largest activation over the "
+                         "training tokens; -2 was the original plan, 0 is plain ablation.")
+    mode: str = Field("every_token", description="Where the latents are set: 'every_token' on every token (the "
+                      "original work), 'where_active' only on tokens where a chosen latent fires.")
+    control_seeds: int = Field(5, description="Draws of each control (random latents, random direction), averaged.")
+    seed: int = Field(0, description="Seed of the controls; each class draws its own stream from it.")
+    dose_scales: tuple[float, ...] = Field((-4.0, -2.0, -1.0, -0.5, 0.0),
+                                           description="Scales of the dose-response sweep.")
+    dose_modes: tuple[str, ...] = Field(MODES, description="Modes of the dose-response sweep.")
+    frequency_pool: int = Field(16, description="A random-latent control draws among this many latents nearest in "
+                                "firing frequency to each chosen one.")
+    min_target_change: float = Field(0.5, description="A class counts as specifically suppressed only if at least "
+                                     "this share of its patches changes prediction.")
+    other_factor: float = Field(3.0, description="A class counts as specifically suppressed only if its target "
+                                "change rate is at least this many times the change rate of the other patches.")
+    control_factor: float = Field(2.0, description="A class counts as specifically suppressed only if its target "
+                                  "change rate is at least this many times the larger of the two controls' target "
+                                  "change rates.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SuppressionConfig:
+        for mode in (self.mode, *self.dose_modes):
+            if mode not in MODES:
+                raise ValueError(f"suppression mode {mode!r}: expected one of {MODES}")
+        if self.control_seeds < 1:
+            raise ValueError(f"control_seeds = {self.control_seeds}: at least one draw per control")
+        if not all(math.isfinite(s) for s in (self.scale, *self.dose_scales)):
+            raise ValueError("suppression scales must be finite numbers")
+        return self
+
+    def settings(self) -> list[tuple[str, float]]:
+        """(mode, scale) of the dose-response, with the configured setting included."""
+        grid = [(m, float(s)) for m in self.dose_modes for s in self.dose_scales]
+        return grid if (self.mode, self.scale) in grid else [*grid, (self.mode, float(self.scale))]

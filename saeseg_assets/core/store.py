@@ -1,0 +1,144 @@
+"""The content-addressed artifact store: every output lives in `<root>/<asset>/<key>/` (per class below it for the
+class-partitioned assets), key = hash(format version, effective settings, input keys), published whole by a rename.
+
+A folder that exists is complete: reuse needs no other check, and nothing is ever overwritten in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_TEMPORARY = ".tmp"  # unfinished writes, removed on failure
+_PARTIAL = ".partial"  # unfinished resumable writes (recordings, SAE training), kept to resume
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ArtifactMissing(FileNotFoundError):
+    """An artifact that is not in the store (never made, or pruned)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What decides one asset's output: its format version, effective settings and the keys of its inputs."""
+
+    asset: str
+    version: int
+    settings: dict
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of sha256 over the spec: equal keys mean equal content."""
+        blob = json.dumps(self.manifest(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def manifest(self) -> dict:
+        return {"asset": self.asset, "version": self.version, "settings": self.settings, "inputs": self.inputs}
+
+
+class Store:
+    """Artifacts under one root folder. `write()` publishes a folder atomically; `open()` refuses what is missing."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path(self, asset: str, key: str, part: str | None = None) -> Path:
+        folder = self.root / asset / key
+        return folder / part if part else folder
+
+    def exists(self, asset: str, key: str, part: str | None = None) -> bool:
+        return (self.path(asset, key, part) / MANIFEST).is_file()
+
+    def open(self, asset: str, key: str, part: str | None = None) -> Path:
+        """The folder of a complete artifact; an error naming it and what to do when there is none."""
+        folder = self.path(asset, key, part)
+        if not (folder / MANIFEST).is_file():
+            what = f"{asset} {part}" if part else asset
+            raise ArtifactMissing(f"{folder}: no complete {what} with key {key} (pruned, or never finished): "
+                                  f"materialize {asset} again")
+        return folder
+
+    def manifest(self, asset: str, key: str, part: str | None = None) -> dict:
+        return json.loads((self.open(asset, key, part) / MANIFEST).read_text())
+
+    def inputs(self, asset: str, key: str, part: str | None = None) -> dict[str, str]:
+        """The keys of the inputs an artifact was made from."""
+        return self.manifest(asset, key, part)["inputs"]
+
+    @contextmanager
+    def write(self, spec: Spec, part: str | None = None, resumable: bool = False) -> Iterator[Path]:
+        """Yields an empty (or, if `resumable`, a half-written earlier) folder to fill; on success, adds the manifest
+        and renames the folder into place. If another writer published the same key first, its folder is kept: equal
+        keys mean equal content. A failure removes the folder, unless `resumable` (it is then resumed next time)."""
+        asset, key = spec.asset, spec.key
+        final = self.path(asset, key, part)
+        name = f"{key}-{part}" if part else key
+        if resumable:
+            work = self.root / asset / _PARTIAL / name
+        else:
+            work = self.root / asset / _TEMPORARY / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            yield work
+            write_atomic(work / MANIFEST, json.dumps({**spec.manifest(), "key": key, "part": part},
+                                                     indent=2, sort_keys=True).encode())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(work, final)
+            except OSError:
+                if not self.exists(asset, key, part):
+                    raise
+                shutil.rmtree(work, ignore_errors=True)  # a concurrent writer published the same content first
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def keys(self, asset: str) -> list[str]:
+        """Keys present for an asset (complete or, for partitioned assets, with at least one complete part)."""
+        folder = self.root / asset
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def newest(self, asset: str, part: str | None = None) -> Path | None:
+        """The most recently published complete folder of an asset, for tools that run without the Dagster instance
+        (benchmarks); the pipeline itself always reads the keys its instance recorded."""
+        manifests = [self.path(asset, key, part) / MANIFEST for key in self.keys(asset)]
+        manifests = [m for m in manifests if m.is_file()]
+        return max(manifests, key=lambda m: m.stat().st_mtime).parent if manifests else None
+
+    def prune(self, keep: dict[str, set[str]], dry_run: bool = False) -> list[Path]:
+        """Removes every key folder of the assets in `keep` that is not kept, and their leftover temporary and
+        partial writes; returns what was (or, with `dry_run`, would be) removed."""
+        removed = []
+        for asset, kept in keep.items():
+            folder = self.root / asset
+            if not folder.is_dir():
+                continue
+            stale = [folder / key for key in self.keys(asset) if key not in kept]
+            stale += [p for p in (folder / _TEMPORARY, folder / _PARTIAL) if p.exists()]
+            for path in stale:
+                if not dry_run:
+                    shutil.rmtree(path)
+                removed.append(path)
+        return removed

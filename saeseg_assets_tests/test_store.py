@@ -1,0 +1,113 @@
+"""The artifact store: keys, atomic publication, concurrent writers, refusal of what is missing, pruning; and the
+core's independence from Dagster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import saeseg_assets.core
+from saeseg_assets.core.store import MANIFEST, ArtifactMissing, Spec, Store
+
+
+def test_the_key_is_a_function_of_version_settings_and_inputs():
+    spec = Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"})
+    assert spec.key == Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"}).key
+    assert len(spec.key) == 16 and int(spec.key, 16) >= 0
+    others = [Spec("latent_stats", 2, {"purity": 0.9}, {"sae_weights": "a1"}),
+              Spec("latent_stats", 1, {"purity": 0.8}, {"sae_weights": "a1"}),
+              Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a2"}),
+              Spec("val_codes", 1, {"purity": 0.9}, {"sae_weights": "a1"})]
+    assert len({spec.key, *(o.key for o in others)}) == 5
+
+
+def test_a_folder_is_published_whole_with_its_manifest(tmp_path):
+    store = Store(tmp_path)
+    spec = Spec("probe_checkpoint", 1, {"epochs": 3}, {"train_activations": "k0"})
+    assert not store.exists("probe_checkpoint", spec.key)
+    with pytest.raises(ArtifactMissing, match=f"probe_checkpoint/{spec.key}: no complete probe_checkpoint"):
+        store.open("probe_checkpoint", spec.key)
+    with store.write(spec) as work:
+        (work / "probe.json").write_text("{}")
+        assert not store.exists("probe_checkpoint", spec.key)  # nothing visible until the block ends
+    folder = store.open("probe_checkpoint", spec.key)
+    assert folder == tmp_path / "probe_checkpoint" / spec.key
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "probe.json"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert (manifest["key"], manifest["settings"], manifest["inputs"]) == (spec.key, {"epochs": 3},
+                                                                         {"train_activations": "k0"})
+    assert store.inputs("probe_checkpoint", spec.key) == {"train_activations": "k0"}
+
+
+def test_a_failed_write_leaves_nothing_and_a_resumable_one_its_partial_folder(tmp_path):
+    store = Store(tmp_path)
+    spec = Spec("sae_weights", 1, {"k": 8})
+    with pytest.raises(RuntimeError):
+        with store.write(spec) as work:
+            (work / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert not store.exists("sae_weights", spec.key) and not list((tmp_path / "sae_weights" / ".tmp").iterdir())
+    with pytest.raises(RuntimeError):
+        with store.write(spec, resumable=True) as work:
+            (work / "state").write_text("step 10")
+            raise RuntimeError("killed")
+    with store.write(spec, resumable=True) as work:
+        assert (work / "state").read_text() == "step 10"  # the second attempt resumes the first
+    assert (store.open("sae_weights", spec.key) / "state").exists()
+
+
+def test_a_second_writer_of_the_same_key_keeps_the_first_folder(tmp_path):
+    store = Store(tmp_path)
+    spec = Spec("val_codes", 1, {})
+    with store.write(spec) as slow:
+        (slow / "codes").write_text("first")
+        with store.write(spec) as fast:
+            (fast / "codes").write_text("second")
+    folder = store.open("val_codes", spec.key)
+    assert (folder / "codes").read_text() == "second"  # published first; the other is dropped, never mixed in
+    assert sorted(p.name for p in folder.iterdir()) == ["codes", MANIFEST]
+
+
+def test_partitioned_artifacts_have_one_folder_per_class(tmp_path):
+    store = Store(tmp_path)
+    spec = Spec("class_latents", 1, {"k": 3}, {"latent_stats": "s1"})
+    for part in ("001_wall", "010_grass"):
+        with store.write(spec, part=part) as work:
+            (work / "class_latents.json").write_text(part)
+    assert (store.open("class_latents", spec.key, "010_grass") / "class_latents.json").read_text() == "010_grass"
+    assert not store.exists("class_latents", spec.key, "003_sky")
+    assert store.keys("class_latents") == [spec.key]
+
+
+def test_prune_keeps_what_is_named_and_removes_the_rest(tmp_path):
+    store = Store(tmp_path)
+    old, new = Spec("sae_weights", 1, {"k": 8}), Spec("sae_weights", 1, {"k": 16})
+    for spec in (old, new):
+        with store.write(spec):
+            pass
+    with pytest.raises(RuntimeError), store.write(Spec("sae_weights", 1, {"k": 4}), resumable=True):
+        raise RuntimeError("killed")
+    folder = tmp_path / "sae_weights"
+    assert store.prune({"sae_weights": {new.key}}, dry_run=True) == [folder / old.key, folder / ".tmp",
+                                                                      folder / ".partial"]
+    assert store.keys("sae_weights") == sorted([old.key, new.key])
+    store.prune({"sae_weights": {new.key}})
+    assert store.keys("sae_weights") == [new.key] and sorted(p.name for p in folder.iterdir()) == [new.key]
+
+
+def test_the_core_imports_without_dagster():
+    """Every core module, imported in a fresh interpreter, leaves Dagster unloaded."""
+    modules = sorted(f"saeseg_assets.core.{p.stem}" for p in Path(saeseg_assets.core.__file__).parent.glob("*.py")
+                     if p.stem != "__init__")
+    assert "saeseg_assets.core.store" in modules and len(modules) > 15
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

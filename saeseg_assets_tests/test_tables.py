@@ -1,0 +1,36 @@
+"""The one markdown-table renderer of the metadata: number formats, gaps, escaping, frames, the row limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from saeseg_assets.core.suppression_report import dose_markdown
+from saeseg_assets.core.tables import markdown_table
+
+
+def test_numbers_flags_and_gaps_have_one_format():
+    rows = [{"name": "wall", "iou": 0.123456, "n": 7, "specific": True, "scale": -2.0},
+            {"name": "a|b", "iou": float("nan"), "n": None, "specific": np.bool_(False), "scale": np.float32(1e-5)}]
+    assert markdown_table(rows) == "\n".join([
+        "| name | iou | n | specific | scale |",
+        "|---|---|---|---|---|",
+        "| wall | 0.1235 | 7 | yes | -2 |",
+        "| a\\|b | - | - | no | 1e-05 |",
+    ])
+
+
+def test_a_frame_with_chosen_columns_headers_and_a_row_limit():
+    frame = pd.DataFrame({"a": [1, 2, 3], "b": [0.5, 0.25, 2 / 3], "c": ["x", "y", "z"]})
+    assert markdown_table(frame, ["c", "b"], headers=["class", "share"], max_rows=2) == "\n".join([
+        "| class | share |", "|---|---|", "| x | 0.5 |", "| y | 0.25 |", "", "(1 more row not shown)"])
+    assert markdown_table(frame).splitlines()[4] == "| 3 | 0.6667 | z |"
+    assert markdown_table([]) == markdown_table(frame.iloc[:0]) == "(no rows)"
+
+
+def test_the_dose_response_table_uses_it_with_short_headers():
+    report = {"dose_response": [{"mode": "every_token", "scale": -2.0, "target_change_rate": 0.98765,
+                                 "other_change_rate": 0.0, "specific": True}]}
+    header, _, row = dose_markdown(report).splitlines()
+    assert header.startswith("| mode | scale | target change | other change | target patch acc. | rand. latents target")
+    assert row == "| every_token | -2 | 0.9877 | 0 | - | - | - | - | - | yes |"

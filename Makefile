@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 
-.PHONY: setup demo test ui prune
+.PHONY: setup instance demo test ui ui-readonly prune
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Shared (unpartitioned) assets first, then the 150 classes as one run.
-SHARED := train_activations,val_activations,sae_weights,probe_checkpoint,baseline_metrics,latent_stats,val_codes
+SHARED := train_activations,val_activations,sae_weights,probe_checkpoint,baseline_metrics,latent_stats,val_codes,tuning_codes
 
-demo: $(STAMP)
+# The instance's settings (README, "The UI"): run monitoring on, telemetry off. Written only where none exists.
+INSTANCE := $(DAGSTER_HOME)/dagster.yaml
+instance: $(INSTANCE)
+$(INSTANCE):
 	mkdir -p $(DAGSTER_HOME)
+	printf '%s\n' '# Written by make (Makefile, target instance); make never overwrites it.' \
+	  'run_monitoring:' '  enabled: true' '  poll_interval_seconds: 10' 'telemetry:' '  enabled: false' > $@
+
+demo: $(STAMP) $(INSTANCE)
 	.venv/bin/dagster asset materialize -m saeseg_assets --select '$(SHARED)'
 	.venv/bin/dagster asset materialize -m saeseg_assets --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag
 	.venv/bin/dagster asset materialize -m saeseg_assets --select suppression_summary
@@ -29,9 +36,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+ui: $(STAMP) $(INSTANCE)
 	.venv/bin/dagster dev -h 127.0.0.1 -w workspace.yaml
+
+# Browse results with every mutation (launching runs, starting schedules and sensors) turned off; no daemon.
+ui-readonly: $(STAMP) $(INSTANCE)
+	.venv/bin/dagster-webserver -h 127.0.0.1 -p 3000 -w workspace.yaml --read-only
 
 # Delete stored outputs that no latest materialization in the instance points to (README, "The artifact store").
 prune: $(STAMP)

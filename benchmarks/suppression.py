@@ -1,5 +1,6 @@
-"""Suppression cost: one class, and all 150 classes, against one full SAE encoding pass over the validation cache,
-measured side by side in one run and printed as ratios (targets: one class <= 0.05, all 150 <= 2).
+"""Suppression cost: one class's whole study (tuning on held-out training images, configured and tuned settings on
+validation, sweeps, controls, bootstrap), and all 150 classes, against one full SAE encoding pass over the validation
+cache, measured side by side in one run and printed as ratios (targets: one class <= 0.1, all 150 <= 2).
 
 Uses the newest caches in the store under --data and the SAE and probe there (or --sae / --probe); where none exist, a randomly
 initialized TopK SAE (d_sae = 16 x d_model, k 32) and a ridge probe fitted on the training cache (flagged).
@@ -19,12 +20,13 @@ import torch
 from saeseg_assets.core.ade20k import CLASSES, class_by_key
 from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.logit_shift import PatchBaseline, PixelBaseline
-from saeseg_assets.core.latents import compute_latent_stats, select_class_latents
-from saeseg_assets.core.probe import Probe, load_probe, pixel_share_targets
+from saeseg_assets.core.latents import compute_latent_stats, margin_effects, select_class_latents
+from saeseg_assets.core.probe import Probe, load_probe, pixel_share_targets, split_held_out
 from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
-from saeseg_assets.core.settings import SelectionConfig, StatsConfig, SuppressionConfig
+from saeseg_assets.core.settings import RULES, SelectionConfig, StatsConfig, SuppressionConfig, SweepConfig
 from saeseg_assets.core.store import Store
-from saeseg_assets.core.suppression import SuppressionModel, evaluate_class
+from saeseg_assets.core.study import study_class
+from saeseg_assets.core.suppression import SuppressionModel
 from saeseg_assets.core.val_codes import compute_val_codes
 
 
@@ -125,17 +127,32 @@ def main() -> None:
     pixels = torch.from_numpy(val.read("pixel_labels", 0, val.n_images))
     t_model, model = timed(lambda: SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S,
                                                     stats.frequency_S, codes, labels_N, pixels, val.grid), 1)
+    held = split_held_out(train, SweepConfig().held_out_fraction, SweepConfig().seed)[1]
+    t_tuning, tuning_codes = timed(lambda: compute_val_codes(sae, probe, train, log=lambda _: None, spans=held), 1)
+    tuning = SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, tuning_codes,
+                              torch.from_numpy(np.concatenate([train.read("patch_labels", a, b) for a, b in held]))
+                              .reshape(-1), torch.from_numpy(np.concatenate([train.read("pixel_labels", a, b)
+                                                                             for a, b in held])), train.grid, False)
     config = SuppressionConfig()
     selection = SelectionConfig()
-    latents = {c.index: select_class_latents(stats, c.index, selection).latents for c in CLASSES}
+    W_dec, probe_W = sae.W_dec_SD.detach().numpy(), probe.weight_CD.numpy()
+    rankings, latents = {}, {}
+    for c in CLASSES:
+        effect = margin_effects(W_dec, probe_W, stats.class_patches_C > 0, c.index)
+        latents[c.index] = select_class_latents(stats, c.index, selection, margin_effect_S=effect).latents
+        rankings[c.index] = {rule: select_class_latents(stats, c.index, selection, rule, selection.ranked,
+                                                        effect).latents for rule in RULES}
     target = class_by_key(args.class_key).index
+
+    def study(c: int) -> dict:
+        return study_class(model, tuning, c, latents[c], selection.rule, rankings[c], config)
 
     pixel_clock = Stopwatch(PixelBaseline, "counts_after")
     patch_clock = Stopwatch(PatchBaseline, "predictions_after")
     t_sae, _ = timed(lambda: sae_pass(sae, val), args.repeats)
-    t_one, one = timed(lambda: evaluate_class(model, target, latents[target], config), args.repeats)
+    t_one, one = timed(lambda: study(target), args.repeats)
     (pixel_one, n_pixel), (patch_one, n_patch) = pixel_clock.take(), patch_clock.take()
-    t_all, reports = timed(lambda: [evaluate_class(model, c, latents[c], config) for c in latents], 1)
+    t_all, reports = timed(lambda: [study(c) for c in latents], 1)
     (pixel_all, _), (patch_all, _) = pixel_clock.take(), patch_clock.take()
     t_sae_after, _ = timed(lambda: sae_pass(sae, val), args.repeats)
     t_sae = statistics.median([t_sae, t_sae_after])
@@ -143,12 +160,12 @@ def main() -> None:
     r = args.repeats
 
     print(f"shared, once per run: latent stats over training {t_stats:.2f} s, val codes {t_codes:.2f} s, "
-          f"baseline margins {t_model:.2f} s")
+          f"tuning codes {t_tuning:.2f} s, baseline margins {t_model:.2f} s")
     print(f"full SAE encoding pass over validation: {t_sae:.3f} s (median, before and after the class runs)")
     print(f"one class ({args.class_key}, {one['status']}, latents {list(latents[target])}): {t_one:.3f} s  "
           f"ratio {t_one / t_sae:.3f}  (target <= 0.05)")
     if n_patch:
-        print(f"  patch level: {n_patch // r} evaluations (dose-response x controls) {patch_one / r:.3f} s, ratio "
+        print(f"  patch level: {n_patch // r} evaluations (sweeps, tuning, controls) {patch_one / r:.3f} s, ratio "
               f"{patch_one / r / t_sae:.3f}; pixel level: {n_pixel // r} evaluations (configured setting and its "
               f"controls) {pixel_one / r:.3f} s, ratio {pixel_one / r / t_sae:.3f}; one patch + one pixel "
               f"evaluation (the configured edit alone) about {(patch_one / n_patch + pixel_one / n_pixel) / t_sae:.3f}")

@@ -3,6 +3,8 @@ materializations; its own key is its data version (unpartitioned assets) and its
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -47,18 +49,77 @@ def input_cache(context, storage, asset: str):
     return key, ActivationCache(folder / CACHE_FOLDER)
 
 
-def checkpoint_import(asset: str, version: int, kind: str, storage, configured: str, inputs: dict[str, str]):
-    """(checkpoint, spec) of the SAE or probe checkpoint to import instead of training (the configured path, else
-    the drop folder), keyed by the sha256 of its bytes; (None, None) when there is none: train."""
-    from .core.checkpoint_watch import content_sha256, find_checkpoint
+def check_same_dataset(storage, train_key: str, val_key: str) -> None:
+    """Refuses to combine a training and a validation cache recorded from different datasets (or from one dataset
+    before and after its files changed), naming both."""
+    from .core.cache import CACHE_FOLDER, ActivationCache
+
+    caches = [ActivationCache(storage.store.open(asset, key) / CACHE_FOLDER)
+              for asset, key in (("train_activations", train_key), ("val_activations", val_key))]
+    # Caches made without a dataset fingerprint (synthetic ones) are told apart by their dataset root.
+    datasets = [c.attrs.get("dataset_fingerprint") or c.attrs.get("dataset_root") for c in caches]
+    if datasets[0] != datasets[1]:
+        train, val = (f"{c.path} (dataset {d} under {c.attrs.get('dataset_root')})" for c, d in zip(caches, datasets))
+        raise dg.Failure(f"{train} and {val} were recorded from different datasets: materialize train_activations and "
+                         "val_activations together, so that both come from the dataset as it is now")
+
+
+@contextmanager
+def checkpoint_import(context, asset: str, version: int, kind: str, storage, configured: str,
+                      inputs: dict[str, str], settings: dict | None = None):
+    """Yields (checkpoint, spec) of the SAE or probe checkpoint to import instead of training (the configured path,
+    else the drop folder); (None, None) when there is none: train.
+
+    The checkpoint yielded is a copy of the files in a temporary folder, and the key is the sha256 of the copied
+    bytes, so the import reads exactly what was hashed; where the run was launched by a checkpoint sensor, that hash
+    must be the one the sensor saw (its tag), or the run fails before anything is written. `settings`: import
+    settings that change the result, part of the key. Errors about the copy name the original files."""
+    from .automation import CHECKPOINT_TAG
+    from .core.checkpoint_watch import find_checkpoint, snapshot
+    from .core.checkpoints import CheckpointError
     from .core.store import Spec
 
     checkpoint = find_checkpoint(kind, storage.root, configured)
     if checkpoint is None:
-        return None, None
-    # An incomplete checkpoint gets a key of its own; its import then fails naming the missing file.
-    content = content_sha256(checkpoint.files)[0] if checkpoint.complete else f"incomplete:{checkpoint.source}"
-    return checkpoint, Spec(asset, version, {"import_sha256": content}, inputs)
+        yield None, None
+        return
+    if not checkpoint.complete:
+        # An incomplete checkpoint gets a key of its own; its import then fails naming the missing file.
+        yield checkpoint, Spec(asset, version, {"import_sha256": f"incomplete:{checkpoint.source}", **(settings or {})},
+                               inputs)
+        return
+    storage.root.mkdir(parents=True, exist_ok=True)
+    original = checkpoint.source if checkpoint.source not in checkpoint.files else checkpoint.source.parent
+    with tempfile.TemporaryDirectory(prefix=f".import-{kind}-", dir=storage.root) as tmp:
+        try:
+            copy, sha256 = snapshot(checkpoint, Path(tmp))
+        except FileNotFoundError as exc:
+            raise dg.Failure(str(exc)) from exc
+        seen = context.run.tags.get(CHECKPOINT_TAG)
+        if seen and seen != sha256:
+            raise dg.Failure(f"{checkpoint.source}: the content changed after the sensor saw it (sha256 {seen} then, "
+                             f"{sha256} as read now): not imported; the sensor imports the new content once it has "
+                             "settled")
+        try:
+            yield copy, Spec(asset, version, {"import_sha256": sha256, **(settings or {})}, inputs)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(str(tmp), str(original))) from exc
+
+
+def readable(metadata: dict) -> dict:
+    """Metadata as the UI shows it: every float (plain and in JSON values) rounded to 4 significant digits
+    (`core.tables.significant`); the files keep full precision. Every asset passes its metadata through this; markdown
+    tables round the same way (`core.tables.markdown_table`)."""
+    from .core.tables import significant
+
+    def rounded(value):
+        if isinstance(value, dg.FloatMetadataValue):
+            return dg.MetadataValue.float(significant(value.value)) if value.value is not None else value
+        if isinstance(value, dg.JsonMetadataValue):
+            return dg.MetadataValue.json(significant(value.data))
+        return value if isinstance(value, dg.MetadataValue) else significant(value)
+
+    return {name: rounded(value) for name, value in metadata.items()}
 
 
 def artifact_metadata(key: str, folder: Path, reused: bool) -> dict:

@@ -10,11 +10,13 @@ import os
 
 import dagster as dg
 
-from .core.checkpoint_watch import WatchState, observe, step
+from .core.checkpoint_watch import QUIET_PERIOD_S, WatchState, observe, step
 from .resources import Checkpoints, Storage
 
 # Read at load time so a test (or an impatient user) can poll every second or two.
 SENSOR_INTERVAL_S = int(os.environ.get("SAESEG_SENSOR_INTERVAL_S", "30"))
+# How long a checkpoint's files must have stayed untouched before the sensors import it (core.checkpoint_watch).
+CHECKPOINT_QUIET_S = float(os.environ.get("SAESEG_CHECKPOINT_QUIET_S", QUIET_PERIOD_S))
 NIGHTLY_CRON = "0 3 * * *"
 IMPORT_ASSETS = {"sae": "sae_weights", "probe": "probe_checkpoint"}
 CHECKPOINT_TAG = "saeseg/checkpoint_sha256"
@@ -47,14 +49,17 @@ def _checkpoint_sensor(kind: str) -> dg.SensorDefinition:
 
     @dg.sensor(name=f"{kind}_checkpoint_sensor", target=dg.AssetSelection.assets(asset),
                default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=SENSOR_INTERVAL_S,
-               description=f"Imports a new {kind} checkpoint into `{asset}` once its content has stayed the same "
-                           f"for two looks: data/checkpoints/{kind}/ or the configured path.")
+               description=f"Imports a new {kind} checkpoint into `{asset}` once its content and times have stayed "
+                           f"the same for two looks and its files untouched for {CHECKPOINT_QUIET_S:.0f} s: "
+                           f"data/checkpoints/{kind}/ or the configured path. The import checks that it reads the "
+                           "content seen here.")
     def watch(context: dg.SensorEvaluationContext, storage: Storage, checkpoints: Checkpoints):
         seen = observe(kind, storage.root, getattr(checkpoints, kind))
-        state, accepted = step(WatchState.from_json(context.cursor), seen)
+        state, accepted = step(WatchState.from_json(context.cursor), seen, quiet_s=CHECKPOINT_QUIET_S)
         context.update_cursor(state.to_json())
         if accepted is None:
-            waiting = f"waiting for {state.pending.source} to stay unchanged" if state.pending else "no new content"
+            waiting = (f"waiting for {state.pending.source} to stay unchanged for {CHECKPOINT_QUIET_S:.0f} s"
+                       if state.pending else "no new content")
             return dg.SkipReason(waiting if seen else f"no complete {kind} checkpoint")
         # The hash as run key: the same content is imported once, even after the cursor is reset.
         return dg.RunRequest(run_key=accepted, asset_selection=[dg.AssetKey(asset)],
@@ -84,6 +89,9 @@ class _Graph:
         self.parents = {key: {dep.asset_key for dep in spec.deps} for key, spec in self.specs.items()}
         # A multi-asset that cannot run a subset of its keys runs them all.
         self.run_with = {key: set(d.keys) if not d.can_subset else {key} for key, d in defs.items()}
+        # The most classes one run of an asset takes (a multi-run backfill policy: SAESEG_CLASSES_PER_RUN).
+        self.per_run = {key: d.backfill_policy.max_partitions_per_run if d.backfill_policy else None
+                        for key, d in defs.items()}
         self.sources = repository.source_assets_by_key
         self.order = [key for key in graphlib.TopologicalSorter(self.parents).static_order() if key in self.specs]
         self.below_classes: dict[dg.AssetKey, bool] = {}
@@ -185,7 +193,8 @@ def _stale_and_downstream(graph: _Graph, events: _Events) -> dict[dg.AssetKey, s
 
 def stale_requests(instance: dg.DagsterInstance, repository: dg.RepositoryDefinition) -> list[dg.RunRequest]:
     """Runs over what is stale and what exists downstream of it, exactly those classes: one run per contiguous block
-    of classes with the same assets to redo (a single-run backfill policy takes a range), in class order. Assets
+    of classes with the same assets to redo (a single-run backfill policy takes a range; a multi-run one, blocks of
+    at most its classes per run), in class order. Assets
     above the classes go with the first block, a summary below them with the last."""
     graph = _Graph(repository)
     affected = _stale_and_downstream(graph, _Events(instance))
@@ -202,6 +211,8 @@ def stale_requests(instance: dg.DagsterInstance, repository: dg.RepositoryDefini
     order = next((graph.partitions_def(k).get_partition_keys() for k in affected if graph.partitioned(k)), [])
     blocks = [(list(keys), assets) for assets, keys in itertools.groupby(order, lambda p: frozenset(classes.get(p, ())))
               if assets] or [([], frozenset())]
+    blocks = [(chunk, assets) for keys, assets in blocks
+              for chunk in _chunks(keys, min((graph.per_run[k] for k in assets if graph.per_run[k]), default=None))]
     requests = []
     for i, (keys, assets) in enumerate(blocks):
         selection = set(assets) | (above if i == 0 else set()) | (below if i == len(blocks) - 1 else set())
@@ -213,6 +224,12 @@ def stale_requests(instance: dg.DagsterInstance, repository: dg.RepositoryDefini
         requests.append(dg.RunRequest(run_key=f"{keys[0]}...{keys[-1]}" if keys else "unpartitioned",
                                       asset_selection=sorted(selection, key=lambda k: k.to_user_string()), tags=tags))
     return requests
+
+
+def _chunks(keys: list[str], size: int | None) -> list[list[str]]:
+    """`keys` in consecutive runs of at most `size` (None: all in one); no keys: one empty run."""
+    size = size or max(len(keys), 1)
+    return [keys[a:a + size] for a in range(0, max(len(keys), 1), size)]
 
 
 @dg.schedule(name="nightly_stale_refresh", cron_schedule=NIGHTLY_CRON, target=dg.AssetSelection.all(),

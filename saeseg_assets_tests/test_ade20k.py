@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from saeseg_assets.core.ade20k import (
-    CLASSES, N_CLASSES, DatasetError, Sample, class_by_index, class_by_key, describe_preprocessing,
-    find_dataset_root, list_split, load_sample, patch_labels,
+    CLASSES, N_CLASSES, DatasetError, Sample, check_split, class_by_index, class_by_key, dataset_fingerprint,
+    describe_preprocessing, find_dataset_root, list_split, load_sample, patch_labels,
 )
 
 
@@ -175,6 +175,47 @@ def test_size_mismatch_is_refused(tmp_path):
     sample = sample_of(Image.new("RGB", (10, 8)), Image.new("L", (8, 10), 1), tmp_path)
     with pytest.raises(DatasetError, match="is 10x8 but its annotation .*ann.png is 8x10"):
         load_sample(sample, 4)
+
+
+def test_the_up_front_pass_names_a_bad_annotation_or_size_and_leaves_image_decoding_to_the_recording(tmp_path):
+    stems = ("ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003")
+    samples = list_split(make_split(tmp_path, stems=stems), "validation")
+    check_split(samples)
+    image = samples[2].image_path
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:1000])  # truncated: its header still reads; decoding it fails
+    check_split(samples)
+    with pytest.raises(DatasetError, match="ADE_val_00000003.jpg cannot be read"):
+        load_sample(samples[2], 16)
+    labels = np.ones((24, 32), dtype=np.uint8)
+    labels[5, 6] = 151
+    Image.fromarray(labels).save(samples[1].annotation_path)
+    with pytest.raises(DatasetError, match="ADE_val_00000002.png holds value 151"):
+        check_split(samples)
+    Image.new("L", (24, 32), 1).save(samples[0].annotation_path)  # both bad: the first in id order is named
+    with pytest.raises(DatasetError, match="ADE_val_00000001.jpg is 32x24 but its annotation .*ADE_val_00000001.png"):
+        check_split(samples)
+
+
+def test_the_dataset_fingerprint_follows_file_contents_not_folders_or_times(tmp_path):
+    def fingerprint(root: Path) -> str:
+        return dataset_fingerprint({split: list_split(root, split) for split in ("training", "validation")})
+
+    def dataset(root: Path) -> Path:
+        make_split(root, "training", ("ADE_train_00000001", "ADE_train_00000002"))
+        return make_split(root, "validation", ("ADE_val_00000001",))
+
+    first, copy = dataset(tmp_path / "a"), dataset(tmp_path / "b")
+    assert len(fingerprint(first)) == 16 and fingerprint(first) == fingerprint(copy)
+    annotation = copy / "annotations" / "training" / "ADE_train_00000002.png"
+    annotation.touch()  # a new modification time, same bytes
+    assert fingerprint(copy) == fingerprint(first)
+    Image.new("L", (32, 24), 2).save(annotation)  # same name, same size, other labels
+    assert fingerprint(copy) != fingerprint(first)
+    Image.new("L", (32, 24), 1).save(annotation)  # the old bytes back
+    assert fingerprint(copy) == fingerprint(first)
+    (copy / "images" / "validation" / "ADE_val_00000001.jpg").write_bytes(b"x")
+    assert fingerprint(copy) != fingerprint(first)
 
 
 # ---- colour modes ------------------------------------------------------------------------------------------------

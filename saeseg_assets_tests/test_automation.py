@@ -4,18 +4,23 @@ downstream re-run condition on a stand-in graph, and the nightly schedule's choi
 Evaluation contexts are closed with `with`: one left open keeps its instance set as the process's definitions-state
 store until garbage collection, and a later `dagster.materialize` then fails on the disposed instance."""
 
+import io
+import json
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from saeseg_assets.automation import (CHECKPOINT_TAG, DOWNSTREAM_CONDITION, STALE_BLOCK_TAG,
+from saeseg_assets.automation import (CHECKPOINT_QUIET_S, CHECKPOINT_TAG, DOWNSTREAM_CONDITION, STALE_BLOCK_TAG,
                                       nightly_stale_refresh, probe_checkpoint_sensor, sae_checkpoint_sensor)
-from saeseg_assets.core.checkpoint_watch import (Seen, WatchState, content_sha256, drop_folder, find_checkpoint,
-                                                 step)
+from saeseg_assets.core.checkpoint_watch import (QUIET_PERIOD_S, Seen, WatchState, content_sha256, drop_folder,
+                                                 find_checkpoint, step)
 from saeseg_assets.partitions import class_partitions
-from saeseg_assets.resources import Checkpoints, Storage
+from saeseg_assets.resources import Backbone, Checkpoints, Storage
+
+from .conftest import record_synthetic_cache
 
 # The automation-condition tester selects with a beta parameter of its own.
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
@@ -36,6 +41,13 @@ def write_pair(folder: Path, kind: str, weights: bytes) -> None:
     (folder / f"{kind}.json").write_text('{"d_model": 8}')
 
 
+def quiet(*paths: Path) -> None:
+    """As if the files had been left alone for longer than the quiet period."""
+    then = time.time() - CHECKPOINT_QUIET_S - 1
+    for path in paths:
+        os.utime(path, (then, then))
+
+
 def test_drop_folder_layout_and_precedence(tmp_path):
     data = tmp_path / "data"
     assert drop_folder(data, "sae") == data / "checkpoints" / "sae"
@@ -49,6 +61,19 @@ def test_drop_folder_layout_and_precedence(tmp_path):
     assert half.source == sae and not half.complete  # our pair wins over sae.pt, and is not complete yet
     (sae / "sae.json").write_text("{}")
     assert find_checkpoint("sae", data).complete
+    # SAELens's pair comes after ours and before a .pt; either of its files claims the folder.
+    for name in ("sae.safetensors", "sae.json"):
+        (sae / name).unlink()
+    (sae / "cfg.json").write_text("{}")
+    saelens = find_checkpoint("sae", data)
+    assert saelens.files == (sae / "sae_weights.safetensors", sae / "cfg.json") and not saelens.complete
+    assert find_checkpoint("sae", data, str(sae / "cfg.json")).files == saelens.files
+    (sae / "sae_weights.safetensors").write_bytes(b"weights")
+    assert find_checkpoint("sae", data).complete
+    for name in ("sae_weights.safetensors", "cfg.json"):
+        (sae / name).unlink()
+    (sae / "sae.safetensors").write_bytes(b"weights")
+    (sae / "sae.json").write_text("{}")
     storage = Storage(data_dir=str(data))
     assert find_checkpoint("sae", storage.root, "").source == sae
     # The configured path wins even before it exists: the import then fails naming it, rather than training.
@@ -66,17 +91,26 @@ def test_content_hash_ignores_times_and_sees_bytes(tmp_path):
     assert content_sha256(files)[0] != first[0] and content_sha256(files)[1] == first[1]
 
 
-def test_step_accepts_only_content_seen_twice():
-    a, b = Seen("a" * 64, 10, "x"), Seen("b" * 64, 12, "x")
-    state, accepted = step(WatchState(), a)
+def test_step_accepts_only_content_seen_twice_and_quiet_for_the_quiet_period():
+    now = 1_000_000.0
+    a, b = Seen("a" * 64, 10, "x", now - 100), Seen("b" * 64, 12, "x", now - 100)
+    state, accepted = step(WatchState(), a, now, quiet_s=60)
     assert accepted is None and state.pending == a
-    state, accepted = step(state, b)  # changed between looks: still being written
+    state, accepted = step(state, b, now, quiet_s=60)  # changed between looks: still being written
     assert accepted is None and state.pending == b
-    state, accepted = step(state, b)
+    state, accepted = step(state, b, now, quiet_s=60)
     assert accepted == b.sha256 and state == WatchState(b.sha256, None)
-    assert step(state, b) == (state, None)
-    assert step(state, None) == (state, None)
+    assert step(state, b, now) == (state, None)
+    assert step(state, None, now) == (state, None)
     assert WatchState.from_json(WatchState("c", a).to_json()) == WatchState("c", a)
+    # Same bytes on two looks, but written 30 s ago: not settled until 60 s have passed.
+    recent = Seen("d" * 64, 12, "x", now - 30)
+    state, _ = step(WatchState(), recent, now, quiet_s=60)
+    assert step(state, recent, now, quiet_s=60)[1] is None
+    assert step(state, recent, now + 30, quiet_s=60)[1] == recent.sha256
+    # Touched between the looks (same bytes, another time): looked at afresh.
+    assert step(state, Seen("d" * 64, 12, "x", now - 10), now + 30, quiet_s=60)[1] is None
+    assert QUIET_PERIOD_S == 60 and CHECKPOINT_QUIET_S == float(os.environ.get("SAESEG_CHECKPOINT_QUIET_S", 60))
 
 
 def test_sensor_new_unchanged_and_changed_checkpoint(tmp_path):
@@ -86,8 +120,12 @@ def test_sensor_new_unchanged_and_changed_checkpoint(tmp_path):
         runs, cursor = tick(sae_checkpoint_sensor, instance, data, None)
         assert runs == []  # no drop folder yet
         write_pair(folder, "sae", b"first weights")
+        for _ in range(2):
+            runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
+            assert runs == []  # written a moment ago: might still be growing, however often it is seen
+        quiet(folder / "sae.safetensors", folder / "sae.json")
         runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
-        assert runs == []  # seen once: might still be growing
+        assert runs == []  # quiet, but seen once so
         runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
         (run,) = runs
         expected = content_sha256((folder / "sae.safetensors", folder / "sae.json"))[0]
@@ -98,6 +136,7 @@ def test_sensor_new_unchanged_and_changed_checkpoint(tmp_path):
             runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
             assert runs == []
         write_pair(folder, "sae", b"second weights")
+        quiet(folder / "sae.safetensors", folder / "sae.json")
         runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
         assert runs == []
         runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
@@ -116,6 +155,7 @@ def test_sensor_waits_for_a_file_being_written(tmp_path):
         (folder / "probe.json").write_text("{}")
         for size in (200, 300):  # still growing on every look
             (folder / "probe.safetensors").write_bytes(b"x" * size)
+            quiet(folder / "probe.safetensors", folder / "probe.json")
             runs, cursor = tick(probe_checkpoint_sensor, instance, data, cursor)
             assert runs == []
         runs, cursor = tick(probe_checkpoint_sensor, instance, data, cursor)
@@ -129,11 +169,65 @@ def test_sensor_watches_the_configured_reference_file(tmp_path):
         assert runs == []  # configured but not there yet
         configured.parent.mkdir()
         configured.write_bytes(b'{"d_vit": 8}\npayload')
+        quiet(configured)
         # A drop-folder checkpoint is ignored while a path is configured.
         write_pair(drop_folder(tmp_path / "data", "sae"), "sae", b"other")
         for _ in range(2):
             runs, cursor = tick(sae_checkpoint_sensor, instance, tmp_path / "data", cursor, str(configured))
         assert len(runs) == 1 and runs[0].tags["saeseg/checkpoint"] == str(configured)
+
+
+def test_a_paused_half_written_checkpoint_is_never_imported(tmp_path):
+    """Issue 12: 40% of a sae.pt written, a pause, then the rest. A short pause never triggers; a pause longer than
+    the quiet period does, but the run it starts imports nothing: not the partial bytes (unreadable, named), and not
+    the finished file either when it is done by the time the run reads it (not the content seen)."""
+    import torch
+
+    from saeseg_assets.artifacts import latest_key
+    from saeseg_assets.assets.sae import sae_weights
+    from saeseg_assets.core.sae import Sae, SaeSpec
+
+    sae = Sae.initialized(SaeSpec("relu", 32, 64), torch.full((32,), 0.5), seed=0)
+    buffer = io.BytesIO()
+    torch.save({k: v.clone() for k, v in sae.file_tensors().items()}, buffer)
+    whole = (json.dumps({"d_vit": 32, "exp_factor": 2}) + "\n").encode() + buffer.getvalue()
+    data = tmp_path / "data"
+    path = drop_folder(data, "sae") / "sae.pt"
+    path.parent.mkdir(parents=True)
+    with dg.instance_for_test() as instance:
+        storage = Storage(data_dir=str(data))
+        record_synthetic_cache(instance, storage, "train_activations", n_images=8, seed=0)
+        record_synthetic_cache(instance, storage, "val_activations", n_images=4, seed=1, split="validation")
+
+        def run(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+            """What the daemon launches for the request, reading the drop folder as it is now."""
+            return dg.materialize([sae_weights], instance=instance, tags=request.tags, raise_on_error=False,
+                                  resources={"storage": storage, "checkpoints": Checkpoints(), "backbone": Backbone()})
+
+        path.write_bytes(whole[:len(whole) * 4 // 10])
+        cursor = None
+        for _ in range(3):  # unchanged on every look, but written moments ago
+            runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
+            assert runs == []
+        quiet(path)  # the writer pauses past the quiet period: the partial file settles
+        for _ in range(2):
+            runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
+        (partial,) = runs
+        assert partial.tags[CHECKPOINT_TAG] == content_sha256((path,))[0]
+        failed = run(partial)  # still partial when the run reads it: refused, the file named
+        assert not failed.success and f"{path}: not a torch-saved state dict" in str(failed.all_events)
+        path.write_bytes(whole)  # the writer goes on and finishes ...
+        quiet(path)
+        failed = run(partial)  # ... before a (re)started run reads it: not the content the sensor saw
+        assert not failed.success and "the content changed after the sensor saw it" in str(failed.all_events)
+        assert not storage.store.keys("sae_weights")  # neither imported anything
+        for _ in range(2):
+            runs, cursor = tick(sae_checkpoint_sensor, instance, data, cursor)
+        (finished,) = runs
+        assert finished.tags[CHECKPOINT_TAG] == content_sha256((path,))[0] != partial.tags[CHECKPOINT_TAG]
+        assert run(finished).success
+        settings = storage.store.manifest("sae_weights", latest_key(instance, "sae_weights"))["settings"]
+        assert settings["import_sha256"] == finished.tags[CHECKPOINT_TAG]
 
 
 # A stand-in graph shaped like ours: unpartitioned inputs, two class-partitioned assets run as one run per block of
@@ -320,3 +414,15 @@ def test_nightly_schedule_sees_a_new_version_of_an_observed_source():
 @pytest.mark.parametrize("sensor", [sae_checkpoint_sensor, probe_checkpoint_sensor])
 def test_checkpoint_sensors_run_by_default(sensor):
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_nightly_schedule_splits_a_block_into_runs_of_the_backfill_policy_size():
+    by_two = dg.BackfillPolicy.multi_run(max_partitions_per_run=2)
+    assets = [weights, stats, latents.with_attributes(backfill_policy=by_two),
+              report.with_attributes(backfill_policy=by_two), summary]
+    with dg.instance_for_test() as instance:
+        build(instance, ["001_wall", "002_building", "003_sky"])
+        materialize(instance, [weights], version="2")
+        assert summarize(nightly(instance, assets)) == [
+            (["latents", "report", "stats"], "001_wall", "002_building", "1/2"),
+            (["latents", "report", "summary"], "003_sky", "003_sky", "2/2")]

@@ -67,6 +67,19 @@ def test_resume_continues_at_last_complete_chunk(tmp_path):
     assert np.array_equal(resumed, ActivationCache(tmp_path / "ref.zarr").read("activations", 0, 10))
 
 
+def test_a_partial_of_another_chunk_size_is_resumed_with_its_own(tmp_path):
+    path = tmp_path / "c.zarr"
+    _write(path, chunk=2, upto=4)  # killed after two chunks of 2 images
+    writer = CacheWriter(path, SETTINGS, [f"img{i}" for i in range(10)], chunk_images=4)
+    assert (writer.n_written, writer.chunk_images) == (4, 2)  # not restarted: the 4 images are kept
+    for start in range(4, 10, 2):
+        writer.write_chunk(start, *_chunk(start, 2))
+    cache = ActivationCache(writer.finish())
+    reference = ActivationCache(_write(tmp_path / "ref.zarr", chunk=2).finish())
+    assert cache.chunk_images == 2
+    assert np.array_equal(cache.read("activations", 0, 10), reference.read("activations", 0, 10))
+
+
 def test_partial_of_other_settings_starts_over(tmp_path):
     path = tmp_path / "c.zarr"
     _write(path, upto=4)

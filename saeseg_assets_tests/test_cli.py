@@ -1,5 +1,6 @@
 """The README's `dagster asset materialize` commands as subprocesses against a fresh instance on tiny data: one class
-with everything upstream, the same class alone (reusing the upstream), then a range of classes in one run."""
+with everything upstream, the same class alone (reusing the upstream), then a range of classes in one run; and the
+instance the Makefile sets up."""
 
 import os
 import subprocess
@@ -101,3 +102,25 @@ def test_readme_cli_commands(tmp_path):
                                                                         "010_grass"]
     assert sorted(p.name for p in (data / "suppression_report" / report_key).iterdir()) == [
         "001_wall", "002_building", "003_sky", "010_grass"]  # same settings and inputs: one key for all four
+
+
+def test_the_makefile_instance_monitors_runs_without_telemetry_and_is_never_overwritten(tmp_path):
+    home = tmp_path / "dagster_home"
+
+    def make(*args: str) -> str:
+        done = subprocess.run(["make", "-s", *args, f"DAGSTER_HOME={home}"], cwd=Path(__file__).parents[1],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    make("instance")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.run_monitoring_enabled and instance.run_monitoring_settings["poll_interval_seconds"] <= 30
+        assert not instance.telemetry_enabled
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # the user's own settings
+    make("instance")
+    assert (home / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"
+    # The read-only UI: a flag of the installed webserver, which turns every mutation off.
+    assert "--read-only" in make("-n", "ui-readonly").splitlines()[-1]
+    webserver = subprocess.run([str(DAGSTER.with_name("dagster-webserver")), "--help"], capture_output=True, text=True)
+    assert "--read-only" in webserver.stdout

@@ -68,8 +68,9 @@ def test_stats_equal_brute_force(tmp_path, architecture):
         np.testing.assert_array_equal(stats.pure_fire_count_CS[c], fires[on & pure].sum(0))
         np.testing.assert_allclose(stats.pure_act_sum_CS[c], codes[on & pure].sum(0), rtol=1e-6, atol=1e-9)
     for s in range(sae.spec.d_sae):
-        # Brute force: sort by (-value, token), keep the 4 best firing tokens.
-        order = sorted((t for t in range(len(codes)) if codes[t, s] > 0), key=lambda t: (-codes[t, s], t))[:4]
+        # Brute force: sort by (-value, token), keep the 4 best firing tokens of distinct images.
+        ranked = sorted((t for t in range(len(codes)) if codes[t, s] > 0), key=lambda t: (-codes[t, s], t))
+        order = [t for i, t in enumerate(ranked) if all(t // 9 != u // 9 for u in ranked[:i])][:4]
         assert [tok for tok in stats.top_tokens_ST[s] if tok >= 0] == order
         np.testing.assert_allclose(stats.top_values_ST[s][: len(order)], codes[order, s], rtol=1e-6)
     patches = top_patches(stats, 0)
@@ -79,10 +80,23 @@ def test_stats_equal_brute_force(tmp_path, architecture):
 def test_merge_top_keeps_best_and_breaks_ties_by_token():
     values, tokens = torch.zeros(2, 2), torch.full((2, 2), -1, dtype=torch.int64)
     values, tokens = merge_top(values, tokens, torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 3.0, 1.0, 2.0]),
-                               torch.tensor([5, 6, 4, 7]))
+                               torch.tensor([5, 6, 4, 7]), n_patches=1)
     assert tokens.tolist() == [[6, 4], [7, -1]] and values.tolist() == [[3.0, 1.0], [2.0, 0.0]]
-    values, tokens = merge_top(values, tokens, torch.tensor([0, 1]), torch.tensor([2.0, 0.5]), torch.tensor([9, 8]))
+    values, tokens = merge_top(values, tokens, torch.tensor([0, 1]), torch.tensor([2.0, 0.5]), torch.tensor([9, 8]),
+                               n_patches=1)
     assert tokens.tolist() == [[6, 9], [7, 8]]
+
+
+def test_merge_top_keeps_one_token_per_image():
+    """Tokens 0-3 are image 0, 4-7 image 1, 8-11 image 2: image 0's second-best token (3.0) loses its place to
+    image 1's best (2.0), even across two merges."""
+    values, tokens = torch.zeros(1, 3), torch.full((1, 3), -1, dtype=torch.int64)
+    values, tokens = merge_top(values, tokens, torch.tensor([0, 0, 0]), torch.tensor([4.0, 3.0, 2.0]),
+                               torch.tensor([1, 2, 5]), n_patches=4)
+    assert tokens.tolist() == [[1, 5, -1]] and values.tolist() == [[4.0, 2.0, 0.0]]
+    values, tokens = merge_top(values, tokens, torch.tensor([0, 0]), torch.tensor([5.0, 1.0]), torch.tensor([3, 9]),
+                               n_patches=4)
+    assert tokens.tolist() == [[3, 5, 9]] and values.tolist() == [[5.0, 2.0, 1.0]]
 
 
 def hand_stats() -> LatentStats:

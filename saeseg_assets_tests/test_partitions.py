@@ -28,3 +28,26 @@ def test_helpers_refuse_unknown_classes():
         class_index_for_key("029_field")
     with pytest.raises(ValueError):
         key_for_class_index(0)
+
+
+def test_classes_per_run_gives_the_class_assets_their_backfill_policy():
+    from dagster import BackfillPolicy
+
+    from saeseg_assets.partitions import class_backfill_policy
+
+    assert class_backfill_policy("") == BackfillPolicy.single_run()  # the default: all classes in one run
+    assert class_backfill_policy("30") == BackfillPolicy.multi_run(max_partitions_per_run=30)
+    assert class_backfill_policy("150") == BackfillPolicy.single_run()  # what --partition-range needs
+    for bad in ("0", "-3", "thirty"):
+        with pytest.raises(ValueError, match="SAESEG_CLASSES_PER_RUN"):
+            class_backfill_policy(bad)
+
+
+def test_the_torch_heavy_assets_share_the_gpu_pool():
+    import saeseg_assets
+
+    pools = {key.to_user_string(): a.op.pool for a in saeseg_assets.defs.assets for key in a.keys}
+    heavy = {"train_activations", "val_activations", "sae_weights", "probe_checkpoint", "baseline_metrics",
+             "latent_stats", "val_codes", "suppression_report"}
+    assert all(pools[name] == "gpu" for name in heavy)
+    assert pools["class_latents"] is None and pools["suppression_summary"] is None  # they run beside the GPU work

@@ -11,7 +11,7 @@ from saeseg_assets.artifacts import latest_key
 from saeseg_assets.assets.latents import class_latents, latent_stats
 from saeseg_assets.assets.probe import baseline_metrics, probe_checkpoint
 from saeseg_assets.assets.sae import sae_weights
-from saeseg_assets.assets.suppression import suppression_report, suppression_summary, val_codes
+from saeseg_assets.assets.suppression import suppression_report, suppression_summary, tuning_codes, val_codes
 from saeseg_assets.prune import kept_keys
 from saeseg_assets.resources import Backbone, Checkpoints, Storage
 
@@ -23,7 +23,7 @@ SAE = {"expansion": 4, "k": 8, "batch_size": 128, "train_tokens": 128 * 40, "war
 PROBE = {"lrs": [3e-2], "weight_decays": [1e-5], "epochs": 2, "batch_size": 64}
 CLASS = "001_wall"  # the synthetic caches' labels are 0..3
 UPSTREAM_OF_SAE = ("probe_checkpoint", "baseline_metrics")
-SAE_AND_BELOW = ("sae_weights", "latent_stats", "val_codes", "class_latents", "suppression_report",
+SAE_AND_BELOW = ("sae_weights", "latent_stats", "val_codes", "tuning_codes", "class_latents", "suppression_report",
                  "suppression_summary")
 
 
@@ -31,13 +31,13 @@ def materialize_all(instance, storage: Storage, k: int) -> dict[str, dict]:
     """Every asset below the caches, class 001_wall, in dependency order; each asset's metadata by name."""
     resources = {"storage": storage, "backbone": Backbone(), "checkpoints": Checkpoints()}
     run_config = {"ops": {"sae_weights": {"config": {**SAE, "k": k}}, "probe_checkpoint": {"config": PROBE}}}
-    shared = dg.materialize([sae_weights, probe_checkpoint, baseline_metrics, latent_stats, val_codes],
+    shared = dg.materialize([sae_weights, probe_checkpoint, baseline_metrics, latent_stats, val_codes, tuning_codes],
                             instance=instance, resources=resources, run_config=run_config)
     classwise = dg.materialize([class_latents, suppression_report], instance=instance, resources=resources,
                                partition_key=CLASS)
     summary = dg.materialize([suppression_summary], instance=instance, resources=resources)
     return {**{name: asset_metadata(shared, name) for name in ("sae_weights", "probe_checkpoint", "baseline_metrics",
-                                                               "latent_stats", "val_codes")},
+                                                               "latent_stats", "val_codes", "tuning_codes")},
             **{name: asset_metadata(classwise, name, CLASS) for name in ("class_latents", "suppression_report")},
             "suppression_summary": asset_metadata(summary, "suppression_summary")}
 

@@ -1,8 +1,8 @@
-"""The SAE: model, sparse TopK kernels, evaluation figures, checkpoint files (ours and the reference's)."""
+"""The SAE: model (every encoder), sparse kernels, evaluation figures, our checkpoint files (imports from other
+libraries: test_sae_import.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -11,17 +11,25 @@ import torch
 import torch.nn.functional as F
 
 from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.sae import Sae, SaeSpec, import_sae, load_sae, save_sae, sparse_decode
+from saeseg_assets.core.sae import Sae, SaeSpec, batch_topk, load_sae, save_sae, sparse_decode
 from saeseg_assets.core.sae_eval import EvalTotals
 
 
-def _random_sae(architecture="topk", d_model=6, d_sae=20, k=3, seed=0, dtype=torch.float32) -> Sae:
+def _random_sae(architecture="topk", d_model=6, d_sae=20, k=3, seed=0, dtype=torch.float32, **flags) -> Sae:
     torch.manual_seed(seed)
-    sae = Sae(SaeSpec(architecture, d_model, d_sae, k if architecture == "topk" else 0)).to(dtype)
+    sae = Sae(SaeSpec(architecture, d_model, d_sae, k if architecture in ("topk", "batchtopk") else 0, **flags))
+    sae = sae.to(dtype)
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn_like(p))
+        if architecture in ("batchtopk", "jumprelu"):
+            sae.threshold_S.copy_(torch.rand(d_sae) * 2 - 0.5)  # some below 0: those act as 0
     return sae
+
+
+def dense(vals, idx, d_sae: int) -> torch.Tensor:
+    """Codes as [N, d_sae] from any layout `encode` gives (zero codes may repeat a latent: they add nothing)."""
+    return torch.zeros(len(vals), d_sae, dtype=vals.dtype).scatter_add(1, idx, vals)
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -52,6 +60,71 @@ def test_relu_is_the_reference_formula():
     # ReLU has no AuxK: asked for dead latents' codes, it gives none.
     _, _, aux_vals, aux_idx = sae.encode(x, torch.ones(20, dtype=torch.bool), 4)
     assert aux_vals.shape == aux_idx.shape == (5, 0)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
+def test_threshold_encoders_keep_what_exceeds_the_threshold_as_it_is(architecture):
+    sae = _random_sae(architecture, d_model=6, d_sae=20)
+    x = torch.randn(9, 6)
+    pre = (x - sae.b_dec_D) @ sae.W_enc_SD.T + sae.b_enc_S
+    expected = torch.where(pre > sae.threshold_S.clamp(min=0), pre, 0.0)  # SAELens: relu(pre) * (pre > threshold)
+    vals, idx = sae.encode(x)
+    assert vals.shape[1] == int((expected > 0).sum(1).max())  # sparse: as wide as the busiest token
+    torch.testing.assert_close(dense(vals, idx, 20), expected)
+    torch.testing.assert_close(sae.decode(vals, idx), expected @ sae.W_dec_SD + sae.b_dec_D)
+
+
+def test_encoder_flags_keep_x_and_keep_negative_topk_codes():
+    sae = _random_sae("topk", d_model=6, d_sae=20, k=5, subtracts_b_dec=False, relu_after_topk=False)
+    with torch.no_grad():
+        sae.b_enc_S.sub_(3.0)  # so that some selected pre-activations are negative
+    x = torch.randn(7, 6)
+    pre = x @ sae.W_enc_SD.T + sae.b_enc_S  # saev since 2025-07-31: no b_dec in the encoder
+    top = pre.topk(5, dim=1).indices
+    expected = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top))  # and its TopK has no ReLU
+    assert (expected < 0).any()
+    torch.testing.assert_close(dense(*sae.encode(x), 20), expected)
+    relu = _random_sae("relu", subtracts_b_dec=False)
+    torch.testing.assert_close(relu.encode(x)[0], F.relu(x @ relu.W_enc_SD.T + relu.b_enc_S))
+
+
+def test_batch_topk_keeps_the_largest_of_the_whole_batch():
+    # Two tokens, k = 2: the four largest of the batch are 9, 8, 7 (token 0) and 6 (token 1).
+    pre = torch.tensor([[9.0, 8.0, 7.0, 0.0], [6.0, 1.0, 2.0, -1.0]])
+    vals, idx = batch_topk(pre, 2)
+    assert vals.shape == (2, 3)  # token 0 got three, token 1 one, padded with zero codes
+    assert dense(vals, idx, 4).tolist() == [[9.0, 8.0, 7.0, 0.0], [6.0, 0.0, 0.0, 0.0]]
+
+
+def test_batchtopk_training_step_has_the_gradients_of_the_dense_computation():
+    sae = _random_sae("batchtopk", dtype=torch.float64, d_model=5, d_sae=16, k=3)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(16, dtype=torch.bool)
+    vals, idx, _, _ = sae.encode(x, dead, 0)
+    params = [x, sae.W_enc_SD, sae.b_enc_S, sae.b_dec_D, sae.W_dec_SD]
+    sparse_grads = torch.autograd.grad((x - sae.decode(vals, idx)).pow(2).sum(), params)
+    pre = (x - sae.b_dec_D) @ sae.W_enc_SD.T + sae.b_enc_S
+    keep = torch.zeros(7 * 16, dtype=torch.bool)
+    keep[pre.detach().reshape(-1).topk(7 * 3).indices] = True
+    codes = F.relu(pre) * keep.reshape(7, 16)
+    dense_grads = torch.autograd.grad((x - codes @ sae.W_dec_SD - sae.b_dec_D).pow(2).sum(), params)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec", "W_dec"), sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+    # Outside a training step the same SAE encodes with its threshold, token by token.
+    pre0 = pre.detach()
+    torch.testing.assert_close(dense(*sae.encode(x.detach()), 16),
+                               torch.where(pre0 > sae.threshold_S.clamp(min=0), pre0, 0.0))
+
+
+def test_the_batchtopk_threshold_follows_the_smallest_selected_code():
+    sae = _random_sae("batchtopk", d_sae=4, k=1)
+    sae.threshold_S.zero_()
+    sae.track_threshold_(torch.tensor([[3.0, 0.0], [2.0, 5.0]]), momentum=0.1)
+    assert sae.threshold_S.tolist() == [2.0] * 4  # the first batch sets it
+    sae.track_threshold_(torch.tensor([[1.0, 0.0]]), momentum=0.1)
+    torch.testing.assert_close(sae.threshold_S, torch.full((4,), 0.9 * 2.0 + 0.1 * 1.0))
+    sae.track_threshold_(torch.zeros(2, 2), momentum=0.1)  # nothing positive: unchanged
+    torch.testing.assert_close(sae.threshold_S, torch.full((4,), 1.9))
 
 
 def _dense_topk_sae_loss(x, W_enc, b_enc, b_dec, W_dec, k, dead, k_aux):
@@ -171,76 +244,29 @@ def test_our_format_round_trips_and_binds_the_json_to_the_weights(tmp_path):
         load_sae(tmp_path)
 
 
-def _write_reference(path, header: dict, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    path.write_bytes((json.dumps(header) + "\n").encode() + buffer.getvalue())
+@pytest.mark.parametrize("architecture", ["relu", "batchtopk", "jumprelu"])
+def test_every_encoder_and_flag_round_trips(tmp_path, architecture):
+    sae = _random_sae(architecture, subtracts_b_dec=False)
+    save_sae(sae, tmp_path, {})
+    loaded, meta = load_sae(tmp_path)
+    assert loaded.spec == sae.spec and meta["subtracts_b_dec"] is False
+    x = torch.randn(4, 6)
+    assert torch.equal(dense(*loaded.encode(x), 20), dense(*sae.encode(x), 20))
 
 
-def _reference_state(sae: Sae) -> dict:
-    return {k: v.clone() for k, v in sae.file_tensors().items()}
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_the_file_and_tensor(tmp_path, bad):
+    sae = _random_sae()
+    with torch.no_grad():
+        sae.b_dec_D[2] = bad
+    save_sae(sae, tmp_path, {})
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: b_dec holds 1 NaN or infinite values"):
+        load_sae(tmp_path)
 
 
-@pytest.mark.parametrize("header, architecture, k", [
-    # The original files: the flat config of a ReLU SAE.
-    ({"d_vit": 6, "exp_factor": 4, "sparsity_coeff": 4e-4, "ghost_grads": False, "seed": 0}, "relu", 0),
-    # Schema 1: {"schema", "cfg", "cls"}.
-    ({"schema": 1, "cfg": {"d_vit": 6, "exp_factor": 4, "top_k": 5}, "cls": "TopK", "commit": "x"}, "topk", 5),
-    # Schema 2: the activation inside the config.
-    ({"schema": 2, "cfg": {"d_vit": 6, "exp_factor": 4, "activation": {"cls": "Relu", "params": {}}}}, "relu", 0),
-])
-def test_reference_checkpoints_load_in_every_header_form(tmp_path, header, architecture, k):
-    sae = _random_sae(architecture, d_model=6, d_sae=24, k=k)
-    path = tmp_path / "sae.pt"
-    _write_reference(path, header, _reference_state(sae))
-    loaded, meta = load_sae(path)
-    assert (loaded.spec.architecture, loaded.spec.d_sae, loaded.spec.k) == (architecture, 24, k)
-    x = torch.randn(3, 6)
-    torch.testing.assert_close(loaded(x), sae(x))
-    assert meta["source_format"] == "reference sae.pt"
-
-
-class _RunsCode:
-    """A pickled object that runs a shell command when unpickled without restrictions."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def test_a_reference_checkpoint_that_would_run_code_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "sae.pt"
-    state = {**_reference_state(_random_sae(d_model=6, d_sae=24)), "W_enc": _RunsCode(f"touch {marker}")}
-    _write_reference(path, {"d_vit": 6, "exp_factor": 4}, state)
-    with pytest.raises(CheckpointError, match=r"sae\.pt: refused"):
-        load_sae(path)
-    with pytest.raises(CheckpointError, match="refused"):
-        import_sae(path, tmp_path / "out", d_model=6, cache_path=tmp_path / "cache.zarr")
-    assert not marker.exists()
-    assert not (tmp_path / "out").exists()
-    # The payload is live: an unrestricted load would have run it.
-    torch.load(io.BytesIO(path.read_bytes().split(b"\n", 1)[1]), weights_only=False)
-    assert marker.exists()
-
-
-def test_import_refuses_a_checkpoint_of_another_width_naming_the_file(tmp_path):
-    path = tmp_path / "sae.pt"
-    _write_reference(path, {"d_vit": 6, "exp_factor": 4}, _reference_state(_random_sae("relu", d_model=6, d_sae=24)))
-    save_sae(_random_sae(d_model=8, d_sae=16), tmp_path / "out", {"note": "previous good weights"})
-    before = (tmp_path / "out" / "sae.safetensors").read_bytes()
-    with pytest.raises(CheckpointError, match=rf"{path}: the SAE encodes d_model = 6, .*cache.zarr holds d_model = 8"):
-        import_sae(path, tmp_path / "out", d_model=8, cache_path=tmp_path / "cache.zarr")
-    assert (tmp_path / "out" / "sae.safetensors").read_bytes() == before
-    sae, meta = import_sae(path, tmp_path / "out", d_model=6, cache_path=tmp_path / "cache.zarr")
-    assert meta["imported_from"] == str(path.resolve()) and sae.spec.architecture == "relu"
-
-
-def test_unsupported_reference_activation_is_named(tmp_path):
-    path = tmp_path / "sae.pt"
-    header = {"schema": 1, "cfg": {"d_vit": 6, "exp_factor": 4, "top_k": 5}, "cls": "BatchTopK"}
-    _write_reference(path, header, _reference_state(_random_sae(d_model=6, d_sae=24)))
-    with pytest.raises(CheckpointError, match="'BatchTopK' is not supported"):
-        load_sae(path)
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    save_sae(_random_sae(), tmp_path, {})
+    weights = tmp_path / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=rf"{weights}: unreadable safetensors file"):
+        load_sae(tmp_path)

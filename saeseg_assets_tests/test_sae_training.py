@@ -49,7 +49,8 @@ def _quiet(message: str) -> None:
     pass
 
 
-@pytest.mark.parametrize("config", [TINY, replace(TINY, architecture="relu", l1_coeff=3e-3)], ids=["topk", "relu"])
+@pytest.mark.parametrize("config", [TINY, replace(TINY, architecture="relu", l1_coeff=3e-3),
+                                    replace(TINY, architecture="batchtopk")], ids=["topk", "relu", "batchtopk"])
 def test_training_learns_the_sparse_structure(caches, tmp_path, config):
     train, val = caches
     run = train_sae(train, config, tmp_path / "state.safetensors", log=_quiet)
@@ -58,6 +59,9 @@ def test_training_learns_the_sparse_structure(caches, tmp_path, config):
     assert metrics.dead_fraction <= 0.1, metrics
     if config.architecture == "topk":
         assert metrics.l0 <= 8
+    if config.architecture == "batchtopk":
+        # Held-out tokens are encoded with the threshold estimated in training: about k per token on average.
+        assert run.sae.threshold_S.min() > 0 and 4 <= metrics.l0 <= 16, metrics
     assert run.history[0]["fvu"] > run.history[-1]["fvu"]
     assert run.tokens_trained == 150 * 128 and run.history[-1]["tokens"] == 150 * 128
     assert torch.allclose(run.sae.W_dec_SD.norm(dim=1), torch.ones(128), atol=1e-5)
@@ -122,9 +126,10 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path):
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path, architecture):
     train, _ = caches
-    config = replace(TINY, train_tokens=128 * 60)
+    config = replace(TINY, train_tokens=128 * 60, architecture=architecture)
     state = tmp_path / STATE_FILE
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(train.path), config.model_dump_json(),
                              str(state), "47"], capture_output=True, text=True, timeout=120)
@@ -169,6 +174,7 @@ def test_fit_sae_saves_the_pair_with_its_provenance_and_drops_the_state(caches, 
     assert meta == json.loads((folder / "sae.json").read_text())
     assert meta["source_cache"]["fingerprint"] == train.fingerprint
     assert (meta["tokens_trained"], meta["training"]["k"], meta["architecture"]) == (150 * 128, 8, "topk")
+    assert meta["subtracts_b_dec"] is True and "inference_threshold" not in meta
     assert (meta["resumed_at_step"], meta["restart_reason"]) == (0, "")
     assert torch.equal(load_sae(folder)[0].W_dec_SD, sae.W_dec_SD)
 
@@ -209,3 +215,5 @@ def test_settings_the_architecture_ignores_do_not_change_its_identity():
     assert TINY.identity() != replace(TINY, k=9).identity()
     relu = replace(TINY, architecture="relu")
     assert relu.identity() == replace(relu, k=9, aux_coeff=0.0).identity() != replace(relu, l1_coeff=0.5).identity()
+    batch = replace(TINY, architecture="batchtopk")
+    assert batch.identity() == replace(batch, l1_coeff=0.5).identity() != replace(batch, k=9).identity()

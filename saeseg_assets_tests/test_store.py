@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import saeseg_assets.core
-from saeseg_assets.core.store import MANIFEST, ArtifactMissing, Spec, Store
+from saeseg_assets.core.store import MANIFEST, ArtifactMissing, Spec, Store, WriterConflict
 
 
 def test_the_key_is_a_function_of_version_settings_and_inputs():
@@ -70,6 +71,44 @@ def test_a_second_writer_of_the_same_key_keeps_the_first_folder(tmp_path):
     folder = store.open("val_codes", spec.key)
     assert (folder / "codes").read_text() == "second"  # published first; the other is dropped, never mixed in
     assert sorted(p.name for p in folder.iterdir()) == ["codes", MANIFEST]
+
+
+def test_a_resumable_writer_waits_for_the_one_writing_the_same_key_and_never_enters_its_folder(tmp_path):
+    spec = Spec("train_activations", 1, {"split": "training"})
+    partial = tmp_path / "train_activations" / ".partial" / spec.key
+    first_in, first_may_finish = threading.Event(), threading.Event()
+
+    def first_writer():
+        with Store(tmp_path).write(spec, resumable=True) as work:
+            (work / "chunks").write_text("0-7 of the first writer")
+            first_in.set()
+            first_may_finish.wait(10)
+
+    thread = threading.Thread(target=first_writer)
+    thread.start()
+    first_in.wait(10)
+    messages = []
+    with pytest.raises(WriterConflict, match=f"{partial}: another run has been writing this train_activations"):
+        with Store(tmp_path, lock_timeout_s=0.5).write(spec, resumable=True, log=messages.append):
+            pytest.fail("the second writer entered the folder the first one writes")
+    assert messages == [f"waiting for another run that writes {partial} (lock {partial}.lock)"]
+    assert (partial / "chunks").read_text() == "0-7 of the first writer"  # untouched
+
+    store = Store(tmp_path)
+    waiting = threading.Timer(0.5, first_may_finish.set)
+    waiting.start()
+    with store.lock(spec, log=messages.append):  # waits for the first writer, then finds its result
+        assert store.exists("train_activations", spec.key)
+    thread.join()
+    assert len(messages) == 2
+    with pytest.raises(WriterConflict, match=f"{store.path('train_activations', spec.key)} is already published"):
+        with store.write(spec, resumable=True):
+            pass
+    assert (store.open("train_activations", spec.key) / "chunks").read_text() == "0-7 of the first writer"
+    other = Spec("train_activations", 1, {"split": "validation"})
+    with store.lock(other), store.write(other, resumable=True):  # the lock is reentrant: no wait on itself
+        pass
+    assert store.exists("train_activations", other.key) and len(messages) == 2
 
 
 def test_partitioned_artifacts_have_one_folder_per_class(tmp_path):

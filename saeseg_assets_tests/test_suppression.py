@@ -3,22 +3,20 @@ controls, the class-specificity rule, absent classes and the report files."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
 
-from saeseg_assets.core.ade20k import CLASSES
 from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.logit_shift import LogitShift, PatchBaseline, PixelBaseline
+from saeseg_assets.core.logit_shift import ImageCounts, LogitShift, PatchBaseline, PixelBaseline
 from saeseg_assets.core.metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
 from saeseg_assets.core.probe import Probe
 from saeseg_assets.core.sae import Sae, SaeSpec
 from saeseg_assets.core import suppression as sp
 from saeseg_assets.core.settings import MODES
-from saeseg_assets.core.suppression_report import (best_setting, json_safe, key_from_path, read_reports,
-                                                   report_path, specific_counts, dose_table)
+from saeseg_assets.core.study import study_class
+from saeseg_assets.core.suppression_report import dose_table, json_safe, oracle, specific_counts
 from saeseg_assets.core.val_codes import compute_val_codes
 
 QUIET = dict(log=lambda _: None)
@@ -87,7 +85,7 @@ def test_a_latent_that_never_fires_with_scale_zero_changes_nothing(tmp_path):
     assert not shift.shift_C.any() and len(shift.rows_M) == 0
     assert torch.equal(model.patch.predictions_after(shift), model.patch.pred_N)
     assert torch.equal(model.pixel.counts_after(model.patch, shift), model.pixel.counts_KK)
-    report = sp.evaluate_class(model, 10, (5,), sp.SuppressionConfig(scale=0.0, control_seeds=2))
+    report = study(model, 10, (5,), sp.SuppressionConfig(scale=0.0, control_seeds=2))
     assert report["metrics"]["target_change_rate"] == 0.0 and report["metrics"]["other_change_rate"] == 0.0
     assert report["metrics"]["target_iou_after"] == report["metrics"]["target_iou_before"] == 1.0
 
@@ -104,7 +102,7 @@ def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_pa
     counts = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, shift))
     assert counts.iou()[10] == 0.0 and counts.accuracy()[3] == 1.0
     # At scale -2 every token gets -5.8 e0: only grass can lose, so the effect stays on grass.
-    report = sp.evaluate_class(model, 10, (0,), sp.SuppressionConfig(control_seeds=2))
+    report = study(model, 10, (0,), sp.SuppressionConfig(control_seeds=2))
     m = report["metrics"]
     assert (m["target_change_rate"], m["other_change_rate"], m["target_patch_accuracy"]) == (1.0, 0.0, 0.0)
     assert (m["target_iou_before"], m["target_iou_after"], m["target_accuracy_after"]) == (1.0, 0.0, 0.0)
@@ -171,7 +169,16 @@ def test_fast_evaluation_equals_full_recomputation():
         expected = ConfusionMatrix().update(pixel_predictions(grid_logits(dense.reshape(n_images, -1, 151), grid),
                                                               crop), pixel_labels).counts_KK
         # Bilinear sums in another order may split an exact tie differently: allow a handful of pixels.
-        assert int((pixel.counts_after(patch, shift) - expected).abs().sum()) <= 2, trial
+        per_image = ImageCounts(3, pixel_labels, pixel_pred)
+        counts = pixel.counts_after(patch, shift, per_image)
+        assert int((counts - expected).abs().sum()) <= 2, trial
+        # Per image, class 3's counts agree with the whole-set matrix and with each image's own recomputation.
+        assert (int(per_image.pred_B.sum()), int(per_image.tp_B.sum())) == (int(counts[1:, 3].sum()),
+                                                                          int(counts[3, 3]))
+        assert int(per_image.gt_B.sum()) == int(counts[3].sum())
+        after = pixel_predictions(grid_logits(dense.reshape(n_images, -1, 151), grid), crop)
+        own = ImageCounts(3, pixel_labels, after)
+        assert int((own.pred_B - per_image.pred_B).abs().sum() + (own.tp_B - per_image.tp_B).abs().sum()) <= 2
 
 
 def test_controls_are_deterministic_and_frequency_matched(tmp_path):
@@ -201,29 +208,40 @@ def test_class_specific_rule():
 
 def test_absent_and_unchosen_classes(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
-    absent = sp.evaluate_class(model, 150, (0,))
+    absent = study(model, 150, (0,))
     assert absent["status"] == "absent_from_validation" and absent["target_pixels"] == 0
-    unchosen = sp.evaluate_class(model, 3, ())
+    unchosen = study(model, 3, ())
     assert unchosen["status"] == "no_latents"
 
 
-def test_report_files_round_trip_partition_keys(tmp_path):
-    for ade_class in CLASSES:
-        assert key_from_path(report_path(tmp_path, ade_class.key)) == ade_class.key
-    for key, index in (("029_rug", 29), ("010_grass", 10)):
-        report_path(tmp_path, key).write_text(json.dumps({"class_key": key, "class_index": index}))
-    (tmp_path / "notes.json").write_text("{}")
-    assert [r["class_key"] for r in read_reports(tmp_path)] == ["010_grass", "029_rug"]
+def test_json_safe_turns_non_finite_numbers_into_null():
     assert json_safe({"a": math.nan, "b": [1.0, math.inf]}) == {"a": None, "b": [1.0, None]}
 
 
-def test_summary_counts_and_best_setting():
+def test_summary_counts_and_the_oracle_diagnostic():
     def report(key, rows):
         return {"class_key": key, "status": "evaluated", "dose_response": [
-            {"mode": m, "scale": s, "target_change_rate": t, "other_change_rate": o, "specific": spec}
-            for m, s, t, o, spec in rows]}
+            {"n_latents": 3, "mode": m, "scale": s, "target_change_rate": t, "other_change_rate": o, "specific": spec}
+            for m, s, t, o, spec in rows] + [{"n_latents": 5, "mode": "every_token", "scale": -2.0,
+                                              "target_change_rate": 1.0, "other_change_rate": 0.0}]}
     reports = [report("010_grass", [("every_token", -2.0, 0.9, 0.5, False), ("where_active", -2.0, 0.8, 0.1, True)]),
                report("003_floor", [("every_token", -2.0, 0.9, 0.6, False), ("where_active", -2.0, 0.7, 0.1, True)])]
     counts = specific_counts(dose_table(reports))
-    assert counts["n_specific"].tolist() == [0, 2]
-    assert best_setting(counts) == ("where_active", -2.0, 2)
+    # Only rows measured with their controls count; the row of 5 latents has none.
+    assert counts[["n_latents", "mode", "n_specific"]].values.tolist() == [[3, "every_token", 0], [3, "where_active", 2]]
+    assert oracle(counts) == {"n_specific_oracle": 2, "oracle_setting": "-2 x max, where_active, 3 latents"}
+
+
+def study(model, class_index, latents, config=sp.SuppressionConfig(), tuning=None):
+    """The study of one class on the tiny world, its ranking the given latents."""
+    return study_class(model, tuning, class_index, latents, "f1", {"f1": latents}, config)
+
+
+def test_nearest_latents_by_partition_equal_a_stable_sort():
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        n, size = int(rng.integers(1, 40)), int(rng.integers(1, 60))
+        distance = rng.integers(0, 4, size).astype(float) if trial % 2 else rng.random(size)  # ties, or none
+        distance[rng.random(size) < 0.2] = np.inf  # latents already taken
+        expected = np.argsort(distance, kind="stable")[:n]
+        assert np.array_equal(sp._smallest(distance, n), expected[np.isfinite(distance[expected])]), trial

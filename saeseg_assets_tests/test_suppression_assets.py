@@ -18,9 +18,11 @@ import torch
 
 from saeseg_assets.artifacts import latest_key, latest_keys
 from saeseg_assets.assets.latents import class_latents, latent_stats
-from saeseg_assets.assets.suppression import suppression_report, suppression_summary, val_codes
+from saeseg_assets.assets.suppression import suppression_report, suppression_summary, tuning_codes, val_codes
+from saeseg_assets.checks import suppression_report_evaluated
 from saeseg_assets.core.ade20k import list_split, load_sample, patch_labels
-from saeseg_assets.core.cache import CACHE_FOLDER, CacheSettings, CacheWriter
+from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.examples import load_examples
 from saeseg_assets.core.probe import Probe, save_probe
 from saeseg_assets.core.sae import Sae, SaeSpec, save_sae
 from saeseg_assets.core.store import Spec
@@ -31,7 +33,7 @@ from .conftest import asset_metadata, record_artifact, write_tiny_ade20k
 
 D_MODEL, CROP, PATCH = 8, 28, 14
 SLOTS = {1: 0, 2: 1, 3: 2, 10: 3}  # label -> the model direction its patches carry
-SHARED = [latent_stats, val_codes]
+SHARED = [latent_stats, val_codes, tuning_codes]
 CLASSWISE = [class_latents, suppression_report]
 # The f1 rule (the default, named here so the test does not depend on it); with activation_sum, note that in a world
 # of 24 training tokens every latent fires on more than 1% of them, so all would count as dense.
@@ -111,16 +113,33 @@ def test_one_class_and_an_absent_class(world):
     assert result.success
     chosen = json.loads((world.folder("class_latents", "010_grass") / "class_latents.json").read_text())
     assert chosen["latents"][0] == SLOTS[10] and chosen["status"] == "chosen"
+    # f1 and probe_aware (the probe reads grass from that direction) rank grass's own latent first; activation_sum
+    # finds none, since in 24 training tokens every latent is dense.
+    rankings = chosen["rankings"]
+    assert rankings["f1"]["latents"][0] == rankings["probe_aware"]["latents"][0] == SLOTS[10]
+    assert rankings["activation_sum"]["latents"] == [] and "no latent scores above 0" in rankings["activation_sum"][
+        "reason"]
     report = json.loads((world.folder("suppression_report", "010_grass") / "report.json").read_text())
     assert report["status"] == "evaluated" and report["latents"] == chosen["latents"]
     meta = asset_metadata(result, "suppression_report", "010_grass")
-    for name in (*METRIC_NAMES, "latents", "scale", "mode", "specific", "summary", "examples", "key"):
+    for name in (*METRIC_NAMES, "latents", "scale", "mode", "specific", "summary", "examples", "key", "tuned_mode",
+                 "tuned_scale", "tuned_n_latents", "tuned_rule", "tuned_target_change_rate", "tuned_other_change_rate",
+                 "tuned_specific", "tpp_score", "tuned_tpp_score", "target_change_rate_ci_low",
+                 "tuned_target_change_rate_ci_high"):
         assert name in meta, name
+    assert list(meta)[0] == "result" and meta["result"].startswith("grass: at the original setting")
+    assert meta["target_change_rate_ci_low"] <= meta["target_change_rate"] <= meta["target_change_rate_ci_high"]
     assert all(isinstance(meta[name], float) for name in METRIC_NAMES)
     assert meta["scale"] == -2.0 and meta["mode"] == "every_token" and isinstance(meta["specific"], bool)
     # The probe reads grass from the direction the SAE's latent 3 decodes: suppressing it changes grass patches.
     assert meta["target_change_rate"] > 0.5 and meta["target_iou_after"] < meta["target_iou_before"]
     assert "| mode |" in meta["summary"] and "data:image/png;base64" in meta["examples"]
+    assert meta["legend"].startswith("colours: grass (target, outlined)") and "class-specific:" in meta[
+        "specificity_rule"]
+    examples = load_examples(world.folder("suppression_report", "010_grass"))
+    assert examples["ground_truth"].shape == examples["baseline"].shape == examples["configured"].shape
+    assert examples["ground_truth"].shape[1:] == (CROP, CROP) and examples["rgb"].shape[-1] == 3
+    assert (examples["ground_truth"] == 10).any() and examples["has_rgb"].all()
     gallery = asset_metadata(result, "class_latents", "010_grass")["gallery"]
     assert "data:image/png;base64" in gallery
 
@@ -129,6 +148,33 @@ def test_one_class_and_an_absent_class(world):
     assert json.loads((world.folder("class_latents", "150_flag") / "class_latents.json").read_text())["latents"] == []
     meta = asset_metadata(absent, "suppression_report", "150_flag")
     assert meta["status"] == "absent_from_validation" and "reason" in meta
+
+
+def test_tuning_codes_read_only_the_held_out_training_images(world, monkeypatch):
+    read = []
+    original = ActivationCache.read
+
+    def recording_read(self, name, start, stop):
+        read.append((self.path, start, stop))
+        return original(self, name, start, stop)
+
+    monkeypatch.setattr(ActivationCache, "read", recording_read)
+    monkeypatch.setattr(ActivationCache, "iter_blocks", _reading_blocks(ActivationCache.iter_blocks, read))
+    train = world.folder("train_activations") / CACHE_FOLDER
+    world.storage.store.prune({"tuning_codes": set()})  # compute it afresh
+    assert world.materialize([tuning_codes]).success
+    meta = world.instance.get_latest_materialization_event(dg.AssetKey("tuning_codes")).asset_materialization.metadata
+    spans = meta["images"].value
+    assert read and {path for path, _, _ in read} == {train}  # never the validation cache
+    assert {(a, b) for _, a, b in read if (a, b) != (0, 6)} <= {tuple(s) for s in spans}
+    assert sum(b - a for a, b in spans) == meta["n_images"].value == 2  # the probe's held-out chunk of 6 images
+
+
+def _reading_blocks(iter_blocks, read):
+    def recording(self, fields=("activations",), block_images=None, start=0, stop=None):
+        read.append((self.path, start, self.n_images if stop is None else stop))
+        yield from iter_blocks(self, fields, block_images, start, stop)
+    return recording
 
 
 def test_partition_range_in_one_run_then_summary(world):
@@ -152,9 +198,40 @@ def test_partition_range_in_one_run_then_summary(world):
     meta = asset_metadata(summary, "suppression_summary")
     evaluated = [k for k, s in statuses.items() if s == "evaluated"]
     assert meta["n_classes_evaluated"] == len(evaluated) >= 2
-    for name in ("n_specific", "best_scale", "best_mode", "n_specific_best", "preview"):
-        assert name in meta
-    assert (world.folder("suppression_summary") / "summary.csv").exists()
+    for name in ("n_specific", "n_specific_tuned", "tuned_mode", "tuned_scale", "tuned_n_latents", "tuned_rule",
+                 "mean_tpp_score", "mean_tuned_tpp_score", "n_specific_oracle", "per_rule", "classes", "classes_tuned",
+                 "specificity", "class_examples", "report_html"):
+        assert name in meta, name
+    assert list(meta)[0] == "result" and meta["result"].startswith("At the original setting (-2 x max on every token")
+    folder = world.folder("suppression_summary")
+    assert (folder / "summary.csv").exists() and meta["report_html"] == str(folder / "report.html")
+    # The classes table: one row per evaluated class; every number of the metadata at 4 significant digits.
+    rows = json.loads((folder / "classes.json").read_text())
+    assert [r["class_key"] for r in rows] == evaluated
+    assert meta["classes"].splitlines()[0].startswith("| class | patches | target | other |")
+    assert all(f"| {key} |" in meta["classes"] for key in evaluated)
+    floats = [v for v in meta.values() if isinstance(v, float)]
+    assert floats and all(v == float(f"{v:.4g}") for v in floats)
+    page = (folder / "report.html").read_text()
+    assert meta["result"] in page and "http" not in page and page.count("<img ") >= 4 + 3 * len(evaluated)
+
+
+def test_the_evaluated_check_passes_per_evaluated_class_and_skips_absent_ones(world):
+    """One check result per evaluated class in a run over a range of classes, pointing at that class's new
+    materialization; absent classes get none, so Dagster shows their planned check as skipped."""
+    tags = {"dagster/asset_partition_range_start": "003_sky", "dagster/asset_partition_range_end": "010_grass"}
+    result = world.materialize([*CLASSWISE, suppression_report_evaluated], tags=tags, run_config=RUN_CONFIG)
+    assert result.success
+    evaluations = {e.partition: e for e in result.get_asset_check_evaluations()}
+    statuses = {k: asset_metadata(result, "suppression_report", k)["status"] for k in latest_keys(
+        world.instance, "suppression_report")}
+    assert set(evaluations) == {k for k, s in statuses.items() if s == "evaluated"} and "010_grass" in evaluations
+    assert "004_floor" not in evaluations and statuses["004_floor"] == "absent_from_validation"
+    grass = evaluations["010_grass"]
+    record = world.instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=suppression_report.key, asset_partitions=["010_grass"]), limit=1).records[0]
+    assert grass.passed and grass.target_materialization_data.storage_id == record.storage_id
+    assert grass.description.startswith("grass: at the original setting")
 
 
 def test_class_latents_of_older_statistics_fail_before_any_report_is_written(world):

@@ -29,8 +29,9 @@ def test_a_frame_with_chosen_columns_headers_and_a_row_limit():
 
 
 def test_the_dose_response_table_uses_it_with_short_headers():
-    report = {"dose_response": [{"mode": "every_token", "scale": -2.0, "target_change_rate": 0.98765,
+    report = {"dose_response": [{"n_latents": 3, "mode": "every_token", "scale": -2.0, "target_change_rate": 0.98765,
                                  "other_change_rate": 0.0, "specific": True}]}
     header, _, row = dose_markdown(report).splitlines()
-    assert header.startswith("| mode | scale | target change | other change | target patch acc. | rand. latents target")
-    assert row == "| every_token | -2 | 0.9877 | 0 | - | - | - | - | - | yes |"
+    assert header == ("| N | mode | scale | target change | other change | target patch acc. | rand. latents max | "
+                      "rand. dir. max | specific |")
+    assert row == "| 3 | every_token | -2 | 0.9877 | 0 | - | - | - | yes |"

@@ -88,7 +88,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 def prepare_world(root: Path) -> dict[str, str]:
     """Tiny data with the SAE and probe in the drop folders, and everything above `suppression_report` for one class
     materialized in this process (faster than the CLI), so that the UI launches the class's report itself."""
-    env = tiny_env(root, SAESEG_SENSOR_INTERVAL_S="2")
+    env = tiny_env(root, SAESEG_SENSOR_INTERVAL_S="2", SAESEG_CHECKPOINT_QUIET_S="2")
     data = Path(env["SAESEG_DATA"])
     write_checkpoints(drop_folder(data, "sae"), drop_folder(data, "probe"))
     # The definitions read their resources from the environment at import: materialize in a process that has it.
@@ -159,6 +159,16 @@ def browser_page(playwright):
     return browser, page
 
 
+def dismiss_newsletter(page) -> None:
+    """The first visit's newsletter dialog, if it comes."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_role("button", name="Skip").click(timeout=5_000)
+    except PlaywrightTimeout:
+        pass
+
+
 def screenshot(page, screens: Path, name: str, keep: bool = False) -> None:
     screens.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screens / name), full_page=True)
@@ -170,7 +180,6 @@ def screenshot(page, screens: Path, name: str, keep: bool = False) -> None:
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM}: .ci/run installs Debian's chromium")
 def test_ui_shows_the_graph_and_partitions_and_launches_a_class(servers, tmp_path):
     """What a user sees: the asset graph, 150 partitions, a one-class launch, the report's numbers and picture."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     screens = tmp_path / "screens"
@@ -179,10 +188,7 @@ def test_ui_shows_the_graph_and_partitions_and_launches_a_class(servers, tmp_pat
         try:
             page.goto(f"{servers.url}/asset-groups")
             page.get_by_text("Global asset lineage").wait_for()
-            try:  # the first visit's newsletter dialog
-                page.get_by_role("button", name="Skip").click(timeout=5_000)
-            except PlaywrightTimeout:
-                pass
+            dismiss_newsletter(page)
             page.mouse.click(1100, 900, button="right")  # the graph's own menu
             page.get_by_role("menuitem", name="Expand all groups").click()
             for name in ("train_activations", "sae_weights", "probe_checkpoint", "baseline_metrics", "latent_stats",
@@ -228,14 +234,16 @@ FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 CLASSWISE = ["class_latents", "suppression_report", "suppression_summary"]
 
 
-def launch(servers: Servers, assets: list[str], partition: str) -> str:
-    """Launches a run through the GraphQL API (dagster-graphql's client), waits for it, returns its id."""
+def launch(servers: Servers, assets: list[str], partition: str, last: str | None = None) -> str:
+    """Launches a run through the GraphQL API (dagster-graphql's client), of one class or of the classes from
+    `partition` to `last` in one run, waits for it, returns its id."""
     from dagster_graphql import DagsterGraphQLClient
 
     client = DagsterGraphQLClient("127.0.0.1", port_number=servers.port)
+    tags = ({"dagster/asset_partition_range_start": partition, "dagster/asset_partition_range_end": last} if last
+            else {"dagster/partition": partition})
     run_id = client.submit_job_execution("__ASSET_JOB", repository_location_name="saeseg_assets",
-                                         repository_name="__repository__", asset_selection=assets,
-                                         tags={"dagster/partition": partition})
+                                         repository_name="__repository__", asset_selection=assets, tags=tags)
     status = wait_for(lambda: (s := client.get_run_status(run_id)) in FINISHED and s, 240, f"run {run_id}")
     assert status == dg.DagsterRunStatus.SUCCESS, (servers.root / "daemon.log").read_text()[-3000:]
     return run_id
@@ -246,6 +254,65 @@ def test_graphql_client_launches_a_run(servers):
     with servers.instance() as instance:
         assert latest(instance, "suppression_report", "003_sky").run_id == run_id
         assert latest(instance, "suppression_summary").run_id == run_id
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM}: .ci/run installs Debian's chromium")
+def test_the_answer_comes_first_absent_classes_are_marked_and_the_report_opens_offline(servers, tmp_path):
+    """Classes 001..010 in one run (validation holds only building, sky and grass), then the summary: the class page
+    opens with its sentence and legend, the check's partition list marks the absent classes skipped, the summary
+    opens with its headline, and report.html opens with the network off, every picture loaded."""
+    from playwright.sync_api import sync_playwright
+
+    launch(servers, ["class_latents", "suppression_report"], "001_wall", "010_grass")
+    launch(servers, ["suppression_summary"], CLASS)
+    with servers.instance() as instance:
+        report_html = latest(instance, "suppression_summary").asset_materialization.metadata["report_html"].value
+        headline = latest(instance, "suppression_summary").asset_materialization.metadata["result"].value
+    screens = tmp_path / "screens"
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright)
+        try:
+            page.goto(f"{servers.url}/assets/suppression_report?view=partitions&partition={CLASS}")
+            dismiss_newsletter(page)
+            page.get_by_text("grass: at the original setting", exact=False).first.wait_for()
+            page.get_by_text("colours: grass (target, outlined)", exact=False).first.wait_for()
+            page.get_by_text("class-specific: at least", exact=False).first.wait_for()
+            screenshot(page, screens, "class_page.png", keep=True)
+
+            page.goto(f"{servers.url}/assets/suppression_report?view=checks")
+            page.get_by_text("suppression_report_evaluated", exact=True).first.click()
+            page.get_by_text("Partitions", exact=True).last.click()
+            # 3 classes evaluated, 7 absent from validation: skipped, each listed with an orange dot; 140 never run.
+            page.get_by_text("Passed (3)").wait_for()
+            page.get_by_text("Skipped (7)").wait_for()
+            page.get_by_text("006_ceiling", exact=True).first.wait_for()
+            screenshot(page, screens, "evaluated_check_partitions.png", keep=True)
+
+            page.goto(f"{servers.url}/assets/suppression_summary")
+            page.get_by_text(headline[:60], exact=False).first.wait_for()
+            screenshot(page, screens, "summary.png", keep=True)
+
+            context = browser.new_context(offline=True, viewport={"width": 1400, "height": 1000})
+            requested = []  # anything but the file itself and its inlined pictures is refused, and counted
+
+            def local_only(route):
+                if route.request.url.startswith(("file:", "data:")):
+                    return route.continue_()
+                requested.append(route.request.url)
+                return route.abort()
+
+            context.route("**/*", local_only)
+            offline = context.new_page()
+            offline.goto(Path(report_html).as_uri())
+            offline.get_by_text(headline, exact=True).wait_for()
+            broken = offline.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+                                      ".length")
+            n_images = offline.evaluate("document.images.length")
+            assert n_images >= 4 + 3 * 3 and broken == 0 and not requested
+            screenshot(offline, screens, "report_html.png", keep=True)
+        finally:
+            screenshot(page, screens, "last.png")
+            browser.close()
 
 
 def test_a_new_sae_checkpoint_reruns_the_downstream_without_a_click(servers):

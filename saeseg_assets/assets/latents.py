@@ -10,13 +10,14 @@ from ..artifacts import artifact_metadata, input_cache, input_folder
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SelectionConfig, StatsConfig
-from ..partitions import class_partitions
+from ..partitions import CLASS_BACKFILL_POLICY, class_partitions
 from ..resources import Backbone, Storage
 
 # Single-run backfills are what `--partition-range` needs; the beta notice would print at every definitions load.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
-VERSION = 1  # of the folders' formats; bump when a change makes old statistics or choices wrong
+VERSION = 2  # of the folders' formats; bump when a change makes old statistics or choices wrong (2: top patches
+# from distinct images)
 CLASS_LATENTS_FILE = "class_latents.json"
 GALLERY_FILE = "gallery.png"
 
@@ -25,7 +26,7 @@ ClassLatentsConfig = launchpad_config("ClassLatentsConfig", SelectionConfig)
 
 
 @dg.asset(deps=[dg.AssetKey("sae_weights"), dg.AssetKey("train_activations")], group_name="suppression",
-          kinds={"pytorch", "safetensors"}, backfill_policy=dg.BackfillPolicy.single_run(),
+          kinds={"pytorch", "safetensors"}, backfill_policy=dg.BackfillPolicy.single_run(), pool="gpu",
           automation_condition=DOWNSTREAM_CONDITION)
 def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, storage: Storage,
                  backbone: Backbone) -> dg.MaterializeResult:
@@ -68,30 +69,43 @@ def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, s
     )
 
 
-@dg.asset(partitions_def=class_partitions, backfill_policy=dg.BackfillPolicy.single_run(),
-          deps=[dg.AssetKey("latent_stats")], group_name="suppression", kinds={"json"},
+@dg.asset(partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY,
+          deps=[dg.AssetKey("latent_stats"), dg.AssetKey("probe_checkpoint")], group_name="suppression", kinds={"json"},
           automation_condition=DOWNSTREAM_CONDITION)
 def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig, storage: Storage) -> None:
-    """The top-k latents of each class by the configured rule: a class_latents.json per class (latent ids, scores,
-    frequencies, max activations); an absent class gets an empty list and the reason."""
+    """The top-k latents of each class by the configured rule, and every rule's ranking for the latent-count sweep:
+    a class_latents.json per class (latent ids, scores, frequencies, max activations); an absent class gets an empty
+    list and the reason."""
     from ..core.ade20k import class_by_key
-    from ..core.latents import class_latents_record, load_latent_stats, select_class_latents, top_patches
+    from ..core.latents import (class_latents_record, load_latent_stats, margin_effects, select_class_latents,
+                                top_patches)
     from ..core.pictures import png_markdown
+    from ..core.probe import load_probe
+    from ..core.sae import load_sae
+    from ..core.settings import RULES
     from ..core.store import Spec, write_atomic
     from ..core.suppression_pictures import class_gallery_png
 
     stats_key, stats_folder = input_folder(context, storage, "latent_stats")
+    probe_key, probe_folder = input_folder(context, storage, "probe_checkpoint")
     selection = config.settings()
-    spec = Spec("class_latents", VERSION, selection.identity(), {"latent_stats": stats_key})
+    spec = Spec("class_latents", VERSION, selection.identity(),
+                {"latent_stats": stats_key, "probe_checkpoint": probe_key})
     store = storage.store
     todo = [key for key in context.partition_keys if not store.exists("class_latents", spec.key, key)]
     if todo:
         stats = load_latent_stats(stats_folder)
-        images = _TrainingImages(context, storage, store.inputs("latent_stats", stats_key)["train_activations"])
+        made_from = store.inputs("latent_stats", stats_key)
+        images = _TrainingImages(context, storage, made_from["train_activations"])
+        W_dec_SD = load_sae(store.open("sae_weights", made_from["sae_weights"]))[0].W_dec_SD.detach().numpy()
+        probe_W_CD = load_probe(probe_folder).weight_CD.numpy()
     for key in todo:
         ade_class = class_by_key(key)
-        chosen = select_class_latents(stats, ade_class.index, selection)
-        record = class_latents_record(chosen, key, ade_class.name, selection, stats.meta)
+        effect_S = margin_effects(W_dec_SD, probe_W_CD, stats.class_patches_C > 0, ade_class.index)
+        chosen = select_class_latents(stats, ade_class.index, selection, margin_effect_S=effect_S)
+        rankings = {rule: select_class_latents(stats, ade_class.index, selection, rule, selection.ranked, effect_S)
+                    for rule in RULES}
+        record = class_latents_record(chosen, key, ade_class.name, selection, stats.meta, rankings)
         with store.write(spec, part=key) as work:
             write_atomic(work / CLASS_LATENTS_FILE, json.dumps(record, indent=2).encode())
             if chosen.latents:

@@ -6,7 +6,7 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from ..artifacts import artifact_metadata, checkpoint_import, input_cache, input_folder
+from ..artifacts import artifact_metadata, checkpoint_import, input_cache, input_folder, readable
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SweepConfig
@@ -22,7 +22,8 @@ ProbeConfig = launchpad_config("ProbeConfig", SweepConfig, import_path=(str, Fie
     "folder data/checkpoints/probe/; where none holds a checkpoint, the probe is trained here. Default: ''.")))
 
 
-@dg.asset(group_name="probe", kinds={"pytorch", "safetensors"}, deps=["train_activations"])
+@dg.asset(group_name="probe", kinds={"pytorch", "safetensors"}, deps=["train_activations"], pool="gpu",
+          backfill_policy=dg.BackfillPolicy.single_run())
 def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, storage: Storage,
                      checkpoints: Checkpoints, backbone: Backbone) -> dg.MaterializeResult:
     """Linear probe Linear(d_model, 151) on patch activations: probe.safetensors + probe.json.
@@ -34,33 +35,36 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
     from ..core.store import Spec
 
     train_key, cache = input_cache(context, storage, "train_activations")
-    checkpoint, spec = checkpoint_import("probe_checkpoint", VERSION, "probe", storage,
-                                         config.import_path or checkpoints.probe, {"train_activations": train_key})
     sweep = config.settings(device=config.device or backbone.device)
-    if checkpoint is None:
-        spec = Spec("probe_checkpoint", VERSION, sweep.identity(), {"train_activations": train_key})
     store = storage.store
-    reused = store.exists("probe_checkpoint", spec.key)
-    if reused:
-        context.log.info(f"reusing {store.path('probe_checkpoint', spec.key)}: same settings and inputs")
-    else:
-        with store.write(spec) as work:
-            if checkpoint:
-                imported = load_probe(checkpoint.source)
-                check_d_model(imported, cache, checkpoint.source)
-                context.log.info(f"importing the probe from {checkpoint.source}")
-                meta = {**imported.meta, "source": "imported", "imported_from": str(checkpoint.source)}
-                save_probe(work, Probe(imported.weight_CD, imported.bias_C, meta))
-            else:
-                save_probe(work, train_sweep(cache, sweep, log=context.log.info).probe)
+    configured = config.import_path or checkpoints.probe
+    with checkpoint_import(context, "probe_checkpoint", VERSION, "probe", storage, configured,
+                           {"train_activations": train_key}) as (checkpoint, spec):
+        spec = spec or Spec("probe_checkpoint", VERSION, sweep.identity(), {"train_activations": train_key})
+        reused = store.exists("probe_checkpoint", spec.key)
+        if reused:
+            context.log.info(f"reusing {store.path('probe_checkpoint', spec.key)}: same settings and inputs")
+        else:
+            with store.write(spec) as work:
+                if checkpoint:
+                    origin = checkpoint.origin or checkpoint.source
+                    # Read, and checked for shapes and finite values, before anything is saved.
+                    imported = load_probe(checkpoint.source)
+                    check_d_model(imported, cache, origin)
+                    context.log.info(f"importing the probe from {origin}")
+                    meta = {**imported.meta, "source": "imported", "imported_from": str(origin)}
+                    save_probe(work, Probe(imported.weight_CD, imported.bias_C, meta))
+                else:
+                    save_probe(work, train_sweep(cache, sweep, log=context.log.info).probe)
     folder = store.open("probe_checkpoint", spec.key)
     probe = load_probe(folder)
-    return dg.MaterializeResult(metadata={**artifact_metadata(spec.key, folder, reused), **_probe_metadata(probe.meta)},
+    return dg.MaterializeResult(metadata=readable({**artifact_metadata(spec.key, folder, reused),
+                                                   **_probe_metadata(probe.meta)}),
                                 data_version=dg.DataVersion(spec.key))
 
 
-@dg.asset(group_name="probe", kinds={"pytorch", "pandas"}, deps=["probe_checkpoint", "val_activations"],
-          automation_condition=DOWNSTREAM_CONDITION)
+@dg.asset(group_name="probe", kinds={"pytorch", "pandas"}, deps=["probe_checkpoint", "val_activations"], pool="gpu",
+          backfill_policy=dg.BackfillPolicy.single_run(), automation_condition=DOWNSTREAM_CONDITION)
 def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, backbone: Backbone) -> dg.MaterializeResult:
     """The probe on the validation activations, pixel level (bilinear upsampling, argmax over 1..150, label 0
     ignored): baseline_metrics.csv, one row per class present or predicted (columns in the README)."""
@@ -92,14 +96,14 @@ def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, backbo
                                title=f"baseline IoU per class (mIoU {overall['miou']:.3f})")
     columns = ["class_key", "iou", "accuracy", "precision", "gt_pixels", "pred_pixels", "patch_accuracy"]
     return dg.MaterializeResult(
-        metadata={
+        metadata=readable({
             **artifact_metadata(spec.key, folder, reused),
             **{name: overall[name] for name in ("miou", "pixel_accuracy", "n_classes_present", "patch_miou",
                                                 "patch_accuracy")},
             "n_predicted_absent": int((~table["present"]).sum()),
             "classes": dg.MetadataValue.md(markdown_table(present[columns].to_dict(orient="records"))),
             "iou_chart": dg.MetadataValue.md(png_markdown(chart, "per-class IoU")),
-        },
+        }),
         data_version=dg.DataVersion(spec.key),
     )
 

@@ -3,7 +3,11 @@ Pure Python/numpy/Pillow: pixel labels follow the mask values of ADEChallengeDat
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -135,6 +139,28 @@ def list_split(root: Path | str, split: str) -> list[Sample]:
     return [Sample(stem, images[stem], annotations[stem]) for stem in sorted(images)]
 
 
+def _each(function, items: Sequence) -> list:
+    # Threads: hashing and PNG decoding release the GIL; the first error (in item order) is raised.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, items))
+
+
+def dataset_fingerprint(samples: Mapping[str, Sequence[Sample]]) -> str:
+    """16 hex digits of blake2b over every split's image ids and the bytes of every image and annotation: equal for
+    datasets whose files are equal byte for byte, whatever their folder or modification times."""
+    def digest(path: Path) -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "blake2b").hexdigest()
+
+    total = hashlib.blake2b(digest_size=8)
+    for split in sorted(samples):
+        files = [path for s in samples[split] for path in (s.image_path, s.annotation_path)]
+        digests = iter(_each(digest, files))
+        for s in samples[split]:
+            total.update(f"{split}\t{s.image_id}\t{next(digests)}\t{next(digests)}\n".encode())
+    return total.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading one sample
 
@@ -145,11 +171,12 @@ def describe_preprocessing(crop_size: int) -> str:
             f"{crop_size}x{crop_size} (offset floor((side-{crop_size})/2))")
 
 
-def _open_fully(path: Path, what: str) -> Image.Image:
+def _open_image(path: Path, what: str, decode: bool = True) -> Image.Image:
     # load() forces the whole decode so a truncated file fails here, not later inside a batch.
     try:
         image = Image.open(path)
-        image.load()
+        if decode:
+            image.load()
     except FileNotFoundError:
         raise DatasetError(f"{what} {path} does not exist") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -180,6 +207,12 @@ def _check_annotation(annotation: Image.Image, path: Path) -> np.ndarray:
     return labels
 
 
+def _check_sizes(sample: Sample, image: Image.Image, annotation: Image.Image) -> None:
+    if image.size != annotation.size:
+        raise DatasetError(f"image {sample.image_path} is {image.size[0]}x{image.size[1]} but its annotation "
+                           f"{sample.annotation_path} is {annotation.size[0]}x{annotation.size[1]}")
+
+
 def _short_side_size(width: int, height: int, crop_size: int) -> tuple[int, int]:
     scale = crop_size / min(width, height)
     return max(crop_size, round(width * scale)), max(crop_size, round(height * scale))
@@ -187,18 +220,28 @@ def _short_side_size(width: int, height: int, crop_size: int) -> tuple[int, int]
 
 def load_sample(sample: Sample, crop_size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     """(image_HW3 uint8 RGB, labels_HW uint8), both crop_size x crop_size, cut with the same geometry."""
-    image = _open_fully(sample.image_path, "image")
-    annotation = _open_fully(sample.annotation_path, "annotation")
+    image = _open_image(sample.image_path, "image")
+    annotation = _open_image(sample.annotation_path, "annotation")
     labels = _check_annotation(annotation, sample.annotation_path)
-    if image.size != annotation.size:
-        raise DatasetError(f"image {sample.image_path} is {image.size[0]}x{image.size[1]} but its annotation "
-                           f"{sample.annotation_path} is {annotation.size[0]}x{annotation.size[1]}")
+    _check_sizes(sample, image, annotation)
     size = _short_side_size(*image.size, crop_size)
     left, top = (size[0] - crop_size) // 2, (size[1] - crop_size) // 2
     box = (left, top, left + crop_size, top + crop_size)
     image_HW3 = np.asarray(_to_rgb(image).resize(size, Image.Resampling.BICUBIC).crop(box), dtype=np.uint8)
     mask = Image.fromarray(labels).resize(size, Image.Resampling.NEAREST).crop(box)
     return image_HW3, np.asarray(mask, dtype=np.uint8)
+
+
+def check_split(samples: Sequence[Sample]) -> None:
+    """The cheap pass before any recording: each annotation decoded (mode L, labels 0..150), each image's header
+    read (readable, same size as its annotation). A truncated image is found only when it is decoded to record it."""
+    def check(sample: Sample) -> None:
+        annotation = _open_image(sample.annotation_path, "annotation")
+        _check_annotation(annotation, sample.annotation_path)
+        with _open_image(sample.image_path, "image", decode=False) as image:
+            _check_sizes(sample, image, annotation)
+
+    _each(check, samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class CacheSettings:
     split: str
     preprocessing: str
     dtype: str = "float16"
+    dataset_fingerprint: str = ""  # of both splits' files (ade20k.dataset_fingerprint), shared by a pair of caches
 
     @property
     def grid(self) -> int:
@@ -82,7 +83,10 @@ class CacheWriter:
         progress_file = self.path / _PROGRESS_FILE
         if progress_file.exists():
             progress = json.loads(progress_file.read_text())
-            if {**progress, "n_written": 0} == self._progress(0):
+            if progress.get("fingerprint") == self.key:
+                # Resume in the partial's chunk size, not afresh: its work is kept, and all images are computed in
+                # batches of one size, as in an uninterrupted recording (`chunk_images` does not change the key).
+                self.chunk_images = int(progress["chunk_images"])
                 self._group = zarr.open_group(str(self.path), mode="r+")
                 return int(progress["n_written"])
         # A partial cache of other settings is of no use: start afresh.
@@ -162,7 +166,7 @@ class ActivationCache:
     @property
     def settings(self) -> CacheSettings:
         fields = CacheSettings.__dataclass_fields__
-        return CacheSettings(**{k: self.attrs[k] for k in fields})
+        return CacheSettings(**{k: self.attrs[k] for k in fields if k in self.attrs})
 
     def image_ids(self) -> list[str]:
         return [str(x) for x in self.group["image_ids"][:]]

@@ -12,6 +12,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .store import write_atomic
@@ -42,17 +43,32 @@ def load_tensors(folder_or_file: Path, stem: str) -> tuple[dict[str, torch.Tenso
             raise CheckpointError(f"{f}: missing (a checkpoint is the pair {stem}.safetensors + {stem}.json)")
     try:
         meta = json.loads(config.read_text())
-        tensors = load_file(str(weights))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder}: unreadable {stem} checkpoint: {exc}") from exc
-    return tensors, meta
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config}: unreadable {stem} checkpoint JSON: {exc}") from exc
+    return read_safetensors(weights), meta
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file is an error that names it."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
 
 
 def read_reference_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Reads the original experiment's format: one JSON line (config), then a torch-saved state dict.
+    """Reads the original experiment's format: one JSON line (config), then a torch-saved state dict. Returns (config,
+    state dict); the config is the header's `cfg` where newer files wrap it ({"schema": ..., "cfg": {...}})."""
+    header, state = read_header_and_state(path)
+    config = header.get("cfg", header) if isinstance(header.get("cfg"), dict) else header
+    return config, state
+
+
+def read_header_and_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON header line and the torch-saved state dict after it, as they are.
 
     The state dict is loaded with torch's weights-only unpickler, which refuses anything but tensors and plain
-    containers, so a crafted file cannot run code. Returns (header, state dict).
+    containers, so a crafted file cannot run code.
     """
     path = Path(path)
     try:
@@ -63,8 +79,8 @@ def read_reference_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
     try:
         header = json.loads(header_line)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: the first line is not a JSON header ({exc})") from exc
+    except ValueError as exc:  # not JSON, or not text at all (a bare torch file has no header line)
+        raise CheckpointError(f"{path}: the first line is not a JSON header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the JSON header is not an object")
     try:
@@ -75,6 +91,4 @@ def read_reference_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]
         raise CheckpointError(f"{path}: not a torch-saved state dict after the header ({exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: the payload is not a state dict of tensors")
-    # Newer files wrap the config: {"schema": ..., "cfg": {...}}.
-    config = header.get("cfg", header) if isinstance(header.get("cfg"), dict) else header
-    return config, state
+    return header, state

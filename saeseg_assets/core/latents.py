@@ -17,7 +17,7 @@ from .metrics import N_OUTPUTS
 from .settings import DENSE_FREQUENCY, SelectionConfig, StatsConfig
 
 STEM = "latent_stats"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the top patches come from distinct images
 
 # Name -> meaning; every array of the file. C = 151 outputs (row 0: label "other"), S = latents, T = top patches.
 STAT_FIELDS = {
@@ -30,7 +30,8 @@ STAT_FIELDS = {
     "pure_patches_C": "tokens of majority label c with purity >= the stats' purity threshold",
     "pure_fire_count_CS": "pure tokens of label c on which the latent fires",
     "pure_act_sum_CS": "sum of the latent's code over pure tokens of label c",
-    "top_values_ST": "the latent's T largest codes, descending (0 where it fired on fewer tokens)",
+    "top_values_ST": "the latent's T largest codes, at most one per image, descending (0 where it fired on fewer "
+                     "images)",
     "top_tokens_ST": "their tokens: image index * n_patches + patch index (-1 where none); ties: lower token first",
 }
 
@@ -78,8 +79,9 @@ def nonzero_codes(vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> tuple[torch.Te
 
 
 def merge_top(values_ST: torch.Tensor, tokens_ST: torch.Tensor, lat_M: torch.Tensor, val_M: torch.Tensor,
-              tok_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per latent, the T largest of (kept entries, new entries); ties go to the lower token id."""
+              tok_M: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent, the T largest of (kept entries, new entries), at most one per image (token // n_patches), so a
+    gallery shows T images rather than one image T times; ties go to the lower token id."""
     S, T = values_ST.shape
     # Only new entries that beat the current T-th value of their latent can enter.
     beats = (val_M > values_ST[lat_M, T - 1]) | ((val_M == values_ST[lat_M, T - 1]) & (tokens_ST[lat_M, T - 1] < 0))
@@ -96,6 +98,15 @@ def merge_top(values_ST: torch.Tensor, tokens_ST: torch.Tensor, lat_M: torch.Ten
     order = order[torch.argsort(-val[order], stable=True)]
     order = order[torch.argsort(lat[order], stable=True)]
     lat, val, tok = lat[order], val[order], tok[order]
+    # The first of each (latent, image) in this order is that image's best token for the latent.
+    image = tok // n_patches
+    pair = lat * (int(image.max()) + 1) + image
+    _, inverse = torch.unique(pair, return_inverse=True)
+    position = torch.arange(len(pair), device=pair.device)
+    first = torch.full((int(inverse.max()) + 1,), len(pair), device=pair.device).scatter_reduce(
+        0, inverse, position, reduce="amin")
+    best = first[inverse] == position
+    lat, val, tok = lat[best], val[best], tok[best]
     counts = torch.bincount(lat, minlength=S)
     rank = torch.arange(len(lat), device=lat.device) - (torch.cumsum(counts, 0) - counts)[lat]
     keep = rank < T
@@ -148,7 +159,7 @@ def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = Stat
         acc["pure_fire_count_CS"] += torch.bincount(pair_M[pure_M], minlength=C * S)
         acc["pure_act_sum_CS"].index_add_(0, pair_M[pure_M], val64_M[pure_M])
         top_values_ST, top_tokens_ST = merge_top(top_values_ST, top_tokens_ST, lat_M, val_M.float(),
-                                                 start * P + tok_M)
+                                                 start * P + tok_M, P)
     arrays = {k: v.cpu().numpy().reshape(C, S) if k.endswith("_CS") else v.cpu().numpy() for k, v in acc.items()}
     arrays["top_values_ST"], arrays["top_tokens_ST"] = top_values_ST.cpu().numpy(), top_tokens_ST.cpu().numpy()
     meta = {"format": "saeseg-latent-stats", "format_version": FORMAT_VERSION, "purity": config.purity,
@@ -207,33 +218,57 @@ def activation_sum_scores(stats: LatentStats, class_index: int, dense_frequency:
     return scores_S
 
 
-def latent_scores(stats: LatentStats, class_index: int, config: SelectionConfig) -> np.ndarray:
-    if config.rule == "f1":
+def margin_effects(W_dec_SD: np.ndarray, probe_W_CD: np.ndarray, present_C: np.ndarray,
+                   class_index: int) -> np.ndarray:
+    """What one unit of each latent adds to class c's logit margin: W_dec[i] . (w_c - mean of the other present
+    classes' probe rows) [S]; `present_C` marks the classes present (output 0 never counts)."""
+    others_C = np.asarray(present_C, dtype=bool).copy()
+    others_C[[0, class_index]] = False
+    rival_D = probe_W_CD[others_C].mean(0) if others_C.any() else np.zeros(probe_W_CD.shape[1])
+    return np.asarray(W_dec_SD, dtype=np.float64) @ (probe_W_CD[class_index] - rival_D).astype(np.float64)
+
+
+def probe_aware_scores(stats: LatentStats, class_index: int, margin_effect_S: np.ndarray) -> np.ndarray:
+    """Mean code over class-c patches (0 where it does not fire) times the latent's effect on c's logit margin: how
+    much of the probe's case for class c the latent carries there."""
+    mean_on_class_S = stats.class_act_sum_CS[class_index] / max(int(stats.class_patches_C[class_index]), 1)
+    return mean_on_class_S * margin_effect_S
+
+
+def latent_scores(stats: LatentStats, class_index: int, rule: str, dense_frequency: float,
+                  margin_effect_S: np.ndarray | None = None) -> np.ndarray:
+    if rule == "f1":
         return f1_scores(stats, class_index)
-    return activation_sum_scores(stats, class_index, config.dense_frequency)
+    if rule == "activation_sum":
+        return activation_sum_scores(stats, class_index, dense_frequency)
+    if margin_effect_S is None:
+        raise ValueError("the probe_aware rule needs the latents' effects on the class's logit margin")
+    return probe_aware_scores(stats, class_index, margin_effect_S)
 
 
-def select_class_latents(stats: LatentStats, class_index: int, config: SelectionConfig = SelectionConfig()
-                         ) -> ClassLatents:
-    """The top-k latents by the configured rule; only latents with a positive score (they fire on class c)."""
+def select_class_latents(stats: LatentStats, class_index: int, config: SelectionConfig = SelectionConfig(),
+                         rule: str | None = None, k: int | None = None,
+                         margin_effect_S: np.ndarray | None = None) -> ClassLatents:
+    """The top k latents (default: the config's rule and k); only latents with a positive score (they fire on class
+    c, and for probe_aware push its logit margin up)."""
+    rule, k = rule or config.rule, k or config.k
     name = f"class {class_index}"
     if stats.class_patches_C[class_index] == 0:
-        return ClassLatents(class_index, config.rule, (), (), (),
+        return ClassLatents(class_index, rule, (), (), (),
                             f"{name} is absent from the training cache: no patch has it as majority label")
-    if config.rule == "f1" and stats.pure_patches_C[class_index] == 0:
-        return ClassLatents(class_index, config.rule, (), (), (),
+    if rule == "f1" and stats.pure_patches_C[class_index] == 0:
+        return ClassLatents(class_index, rule, (), (), (),
                             f"{name} has no pure training patch (purity >= {stats.meta.get('purity', 0.9)}), "
                             "which the f1 rule scores on")
-    scores_S = latent_scores(stats, class_index, config)
+    scores_S = latent_scores(stats, class_index, rule, config.dense_frequency, margin_effect_S)
     # Stable descending order: equal scores keep the lower latent id first.
     order = np.argsort(-scores_S, kind="stable")
-    chosen = [int(i) for i in order[: config.k] if np.isfinite(scores_S[i]) and scores_S[i] > 0]
+    chosen = [int(i) for i in order[:k] if np.isfinite(scores_S[i]) and scores_S[i] > 0]
     if not chosen:
-        return ClassLatents(class_index, config.rule, (), (), (),
-                            f"no latent scores above 0 for {name} under rule {config.rule!r}")
+        return ClassLatents(class_index, rule, (), (), (), f"no latent scores above 0 for {name} under rule {rule!r}")
     f1_S = f1_scores(stats, class_index)
     details = tuple(_latent_detail(stats, class_index, i, f1_S[i]) for i in chosen)
-    return ClassLatents(class_index, config.rule, tuple(chosen), tuple(float(scores_S[i]) for i in chosen), details)
+    return ClassLatents(class_index, rule, tuple(chosen), tuple(float(scores_S[i]) for i in chosen), details)
 
 
 def _latent_detail(stats: LatentStats, c: int, i: int, f1: float) -> dict:
@@ -257,10 +292,13 @@ def top_patches(stats: LatentStats, latent: int) -> list[tuple[int, int, float]]
 
 
 def class_latents_record(chosen: ClassLatents, class_key: str, class_name: str, config: SelectionConfig,
-                         stats_meta: dict) -> dict:
-    """The JSON of a class's `class_latents.json`: the chosen latents with their scores and statistics."""
+                         stats_meta: dict, rankings: dict[str, ClassLatents] | None = None) -> dict:
+    """The JSON of a class's `class_latents.json`: the chosen latents with their scores and statistics, and every
+    rule's ranking (`config.ranked` deep) for the latent-count sweep."""
     return {"class_key": class_key, "class_index": chosen.class_index, "class_name": class_name,
             "status": "chosen" if chosen.latents else "empty", "reason": chosen.reason, "rule": chosen.rule,
             "k": config.k, "dense_frequency": config.dense_frequency, "latents": list(chosen.latents),
             "scores": list(chosen.scores), "details": list(chosen.details),
-            "purity": stats_meta.get("purity")}
+            "purity": stats_meta.get("purity"),
+            "rankings": {rule: {"latents": list(r.latents), "scores": list(r.scores), "reason": r.reason}
+                         for rule, r in (rankings or {}).items()}}

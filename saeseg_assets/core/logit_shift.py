@@ -41,30 +41,40 @@ class LogitShift:
 
 @dataclass(frozen=True)
 class PatchBaseline:
-    """Baseline logits with, per token, its prediction and its margin over the runner-up (outputs 1..150)."""
+    """Baseline logits with, per token, its prediction and its `TOP` best classes (ascending class order) with their
+    logits: a shift that keeps one of those ahead of what any other class could reach is settled among them."""
 
     logits_NC: torch.Tensor
     pred_N: torch.Tensor
-    margin_N: torch.Tensor
+    top_classes_NK: torch.Tensor  # the TOP best of outputs 1..150, in ascending class order
+    top_logits_NK: torch.Tensor  # their logits
+    floor_N: torch.Tensor  # the TOP-th best logit: no class outside the TOP has more
     labels_N: torch.Tensor  # majority label of each patch (0 = other)
     tolerance: float
 
+    TOP = 8
+
     @classmethod
     def build(cls, logits_NC: torch.Tensor, labels_N: torch.Tensor) -> PatchBaseline:
-        top2_N2 = logits_NC[:, 1:].topk(2, dim=1).values
+        top = logits_NC[:, 1:].topk(min(cls.TOP, logits_NC.shape[1] - 1), dim=1)
+        classes_NK, order = (top.indices + 1).sort(dim=1)
         scale = float(logits_NC.abs().max()) if logits_NC.numel() else 0.0
-        return cls(logits_NC, patch_predictions(logits_NC), top2_N2[:, 0] - top2_N2[:, 1], labels_N.long(),
-                   RELATIVE_TOLERANCE * (1.0 + scale))
+        return cls(logits_NC, patch_predictions(logits_NC), classes_NK, top.values.gather(1, order),
+                   top.values[:, -1], labels_N.long(), RELATIVE_TOLERANCE * (1.0 + scale))
 
     def predictions_after(self, shift: LogitShift) -> torch.Tensor:
         """argmax over 1..150 of logits + delta, per token."""
         pred_N = self.pred_N.clone()
         d_C = shift.shift_C
         if bool(d_C.any()):
-            # A token keeps its class c when its margin exceeds what the shift can take from it: d_max - d_c.
+            # Among a token's best classes, the first maximum of logit + d is the lowest class, as argmax gives it;
+            # it stands when it beats what any class outside them can reach (floor + the largest shift).
+            shifted_NK = self.top_logits_NK + d_C[self.top_classes_NK]
+            best_N, position_N = shifted_NK.max(1)
             tol = self.tolerance + RELATIVE_TOLERANCE * float(d_C.abs().max())
-            kept_N = self.margin_N + d_C[pred_N] - d_C[1:].max() > tol
-            redo = (~kept_N).nonzero().squeeze(1)
+            settled_N = best_N - (self.floor_N + d_C[1:].max()) > tol
+            pred_N = torch.where(settled_N, self.top_classes_NK.gather(1, position_N[:, None])[:, 0], pred_N)
+            redo = (~settled_N).nonzero().squeeze(1)
             if len(redo):
                 pred_N[redo] = patch_predictions(self.logits_NC[redo] + d_C)
         if len(shift.rows_M):
@@ -146,8 +156,10 @@ class PixelBaseline:
                    labels_S, _Csr(windows, labels, geo.n_windows), _Csr(windows, pairs, geo.n_windows), counts,
                    tolerance)
 
-    def counts_after(self, patch: PatchBaseline, shift: LogitShift) -> torch.Tensor:
-        """Pixel confusion counts [151, 151] of the probe on logits + delta (bilinear upsampling, argmax 1..150)."""
+    def counts_after(self, patch: PatchBaseline, shift: LogitShift,
+                     per_image: ImageCounts | None = None) -> torch.Tensor:
+        """Pixel confusion counts [151, 151] of the probe on logits + delta (bilinear upsampling, argmax 1..150).
+        `per_image`, if given, receives the changes of its class's per-image counts (for bootstrap intervals)."""
         geo, d_C = self.geometry, shift.shift_C
         own_N = torch.zeros(len(patch.logits_NC), dtype=torch.bool)
         own_N[shift.rows_M] = True
@@ -160,10 +172,12 @@ class PixelBaseline:
             redo_W[self.cont_window_E[self.cont_margin_E - loss_C[self.cont_class_E] <= tol]] = True
         redo = redo_W.nonzero().squeeze(1)
         counts = self.counts_KK.clone().reshape(-1)
-        if len(redo):
-            _, pair, count = self.base_pairs.entries(redo)
-            counts.index_add_(0, pair, -count)
         G = geo.grid * geo.grid
+        if len(redo):
+            row, pair, count = self.base_pairs.entries(redo)
+            counts.index_add_(0, pair, -count)
+            if per_image is not None:
+                per_image.add(redo[row] // G, pair // N_OUTPUTS, pair % N_OUTPUTS, -count)
         step = max(1, CHUNK_VALUES // (G * N_OUTPUTS))
         for a in range(0, geo.n_images, step):
             b = min(a + step, geo.n_images)
@@ -184,17 +198,20 @@ class PixelBaseline:
                     *tokens_R4.shape, -1))[..., 1:]
                 hi_RC, lo_RC = corner_R4C.amax(1), corner_R4C.amin(1)
                 values = _gatherer(corner_R4C)
-            self._add_window_counts(counts, windows, hi_RC, lo_RC, values)
+            self._add_window_counts(counts, windows, hi_RC, lo_RC, values, per_image)
         return counts.reshape(N_OUTPUTS, N_OUTPUTS)
 
     def _add_window_counts(self, counts: torch.Tensor, windows_R: torch.Tensor, hi_RC: torch.Tensor,
-                           lo_RC: torch.Tensor, values) -> None:
+                           lo_RC: torch.Tensor, values, per_image: ImageCounts | None) -> None:
         geo = self.geometry
+        G = geo.grid * geo.grid
         cls_R, margin_R = _best_class(hi_RC, lo_RC)
         won = margin_R > self.tolerance
         # Windows one class wins outright: their whole label histogram goes to that class.
         row, label, count = self.label_hist.entries(windows_R[won])
         counts.index_add_(0, label * N_OUTPUTS + cls_R[won][row] + 1, count)
+        if per_image is not None:
+            per_image.add(windows_R[won][row] // G, label, cls_R[won][row] + 1, count)
         contested = (~won).nonzero().squeeze(1)
         if not len(contested):
             return
@@ -205,6 +222,31 @@ class PixelBaseline:
             new = torch.bincount((labels_rX * N_OUTPUTS + pred + 1).reshape(-1), minlength=N_OUTPUTS ** 2)
             new[:N_OUTPUTS] = 0  # label 0 ("other") is never scored
             counts += new
+            if per_image is not None:
+                labelled = labels_rX != 0
+                image_rX = (windows[group] // G)[:, None].expand_as(labels_rX)
+                per_image.add(image_rX[labelled], labels_rX[labelled], (pred + 1)[labelled],
+                              torch.ones(int(labelled.sum()), dtype=torch.int64))
+
+
+class ImageCounts:
+    """Per image, one class's labelled pixels predicted as it (`pred_B`) and of those, labelled it (`tp_B`): started
+    at the baseline, moved by `counts_after` as it recomputes windows. With `gt_B` (pixels labelled the class) they
+    give the class's IoU over any resample of the images."""
+
+    def __init__(self, class_index: int, pixel_labels_BHW: torch.Tensor, pixel_pred_BHW: torch.Tensor):
+        self.class_index = class_index
+        labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1)
+        pred_c_BX = (pixel_pred_BHW.reshape(len(pixel_pred_BHW), -1) == class_index) & (labels_BX != 0)
+        self.gt_B = (labels_BX == class_index).sum(1)
+        self.pred_B = pred_c_BX.sum(1)
+        self.tp_B = (pred_c_BX & (labels_BX == class_index)).sum(1)
+
+    def add(self, image_E: torch.Tensor, label_E: torch.Tensor, pred_E: torch.Tensor, count_E: torch.Tensor) -> None:
+        hit = pred_E == self.class_index
+        self.pred_B.index_add_(0, image_E[hit], count_E[hit])
+        tp = hit & (label_E == self.class_index)
+        self.tp_B.index_add_(0, image_E[tp], count_E[tp])
 
 
 def _gatherer(corner_R4C: torch.Tensor):

@@ -32,14 +32,15 @@ class RecordingSummary:
 
 
 def cache_settings(backbone: Backbone, layer: int, crop_size: int, dataset_root: Path, split: str,
-                   dtype: str = "float16") -> CacheSettings:
+                   dtype: str = "float16", dataset_fingerprint: str = "") -> CacheSettings:
     info = backbone.info
     if crop_size % info.patch_size:
         raise ValueError(f"crop_size {crop_size} is not a multiple of the backbone's patch size {info.patch_size}")
     return CacheSettings(backbone=info.name, backbone_source=info.source, layer=backbone.resolve_layer(layer),
                          crop_size=crop_size, patch_size=info.patch_size, d_model=info.d_model,
                          dataset_root=str(dataset_root), split=split,
-                         preprocessing=describe_preprocessing(crop_size), dtype=dtype)
+                         preprocessing=describe_preprocessing(crop_size), dtype=dtype,
+                         dataset_fingerprint=dataset_fingerprint)
 
 
 def _gather(futures) -> tuple[np.ndarray, np.ndarray]:
@@ -52,9 +53,10 @@ def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheS
                  log_every_s: float = 10.0) -> RecordingSummary:
     """Records `samples` into the cache at `out_path`, resuming an interrupted recording of the same settings."""
     writer = CacheWriter(out_path, settings, [s.image_id for s in samples], chunk_images=chunk_images)
-    first = writer.n_written
+    first, chunk_images = writer.n_written, writer.chunk_images
     if first:
-        log(f"resuming the {settings.split} recording at image {first} of {writer.n_images}")
+        log(f"resuming the {settings.split} recording at image {first} of {writer.n_images} "
+            f"({chunk_images} images per chunk, as it was begun)")
     starts = list(range(first, writer.n_images, chunk_images))
     t0 = last_log = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:

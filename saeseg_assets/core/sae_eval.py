@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .cache import ActivationCache
+from .cache import ActivationCache, chunk_spans, token_batches
 from .latents import dense_mask
 from .sae import Sae
 
@@ -69,8 +70,28 @@ def evaluate_sae(sae: Sae, cache: ActivationCache, device: str = "cpu", block_im
     sae = sae.to(device).eval()
     totals = EvalTotals(sae.spec.d_model, sae.spec.d_sae)
     for _, block in cache.iter_blocks(("activations",), block_images):
-        x_ND = torch.from_numpy(block["activations"]).reshape(-1, cache.d_model).to(device).float()
-        vals_NK, idx_NK = sae.encode(x_ND)
-        fires_S = torch.bincount(idx_NK[vals_NK > 0], minlength=sae.spec.d_sae)
-        totals.add(x_ND, sae.decode(vals_NK, idx_NK), fires_S)
+        _add(totals, sae, torch.from_numpy(block["activations"]).reshape(-1, cache.d_model).to(device).float())
     return totals.metrics()
+
+
+@torch.no_grad()
+def sample_metrics(sae: Sae, x_ND: torch.Tensor, block_tokens: int = 4096) -> SaeMetrics:
+    """The same figures over a sample of tokens held in memory (the sample's own mean for FVU)."""
+    totals = EvalTotals(sae.spec.d_model, sae.spec.d_sae)
+    for start in range(0, len(x_ND), block_tokens):
+        _add(totals, sae, x_ND[start:start + block_tokens].float())
+    return totals.metrics()
+
+
+def _add(totals: EvalTotals, sae: Sae, x_ND: torch.Tensor) -> None:
+    vals_NK, idx_NK = sae.encode(x_ND)
+    fires_S = torch.bincount(idx_NK[vals_NK > 0], minlength=sae.spec.d_sae)
+    totals.add(x_ND, sae.decode(vals_NK, idx_NK), fires_S)
+
+
+def token_sample(cache: ActivationCache, n_tokens: int, seed: int, buffer_images: int) -> np.ndarray:
+    """min(n_tokens, all) tokens [n, d_model] drawn without replacement from shuffled whole chunks, `buffer_images`
+    images mixed at a time: the first batch of a shuffled pass whose order `seed` fixes."""
+    n = min(n_tokens, cache.n_tokens)
+    batches = token_batches(cache, chunk_spans(cache), n, np.random.default_rng(seed), buffer_images=buffer_images)
+    return next(batches)["activations"]

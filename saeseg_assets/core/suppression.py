@@ -1,5 +1,5 @@
 """The class-suppression edit x' = x + sum_i (v_i - f_i(x)) W_dec[i], taken exactly into the linear probe's logits,
-with its two controls, the dose-response sweep and the class-specificity rule, evaluated one class at a time."""
+its two controls, the patch and pixel measures and the class-specificity rule (the study itself: core/study.py)."""
 
 from __future__ import annotations
 
@@ -29,22 +29,25 @@ def single_thread() -> Iterator[None]:
 
 
 class SuppressionModel:
-    """What every class shares, loaded once per run: decoder rows, probe, latent maxima and frequencies, the
-    validation codes and the baseline predictions with their margins."""
+    """What every class shares, loaded once per run: decoder rows, probe, latent maxima and frequencies, the codes
+    of one set of images (validation, or the held-out training images used for tuning) and the baseline predictions
+    with their margins. `pixel=False` leaves out the pixel level (tuning is measured on patches)."""
 
     def __init__(self, W_dec_SD: torch.Tensor, probe_W_CD: torch.Tensor, max_activation_S: np.ndarray,
                  frequency_S: np.ndarray, codes: ValCodes, patch_labels_N: torch.Tensor,
-                 pixel_labels_BHW: torch.Tensor, grid: int):
+                 pixel_labels_BHW: torch.Tensor, grid: int, pixel: bool = True):
         self.W_dec_SD = W_dec_SD.float()
         self.probe_W_CD = probe_W_CD.float()
         self.max_activation_S = torch.as_tensor(np.asarray(max_activation_S), dtype=torch.float32)
         self.frequency_S = np.asarray(frequency_S, dtype=np.float64)
         self.codes = codes
         self.grid = grid
+        self.pixel_labels_BHW = pixel_labels_BHW
         with single_thread():
             self.patch = PatchBaseline.build(codes.logits_NC, patch_labels_N)
-            self.pixel = PixelBaseline.build(codes.logits_NC, pixel_labels_BHW, codes.pixel_pred_BHW, grid)
-        self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK)
+            self.pixel = (PixelBaseline.build(codes.logits_NC, pixel_labels_BHW, codes.pixel_pred_BHW, grid)
+                          if pixel else None)
+        self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK) if pixel else None
         labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1).long()
         offsets = torch.arange(len(labels_BX))[:, None] * N_OUTPUTS
         self.pixels_BC = torch.bincount((labels_BX + offsets).reshape(-1),
@@ -53,6 +56,10 @@ class SuppressionModel:
     @property
     def n_tokens(self) -> int:
         return self.codes.n_tokens
+
+    @property
+    def n_images(self) -> int:
+        return len(self.pixel_labels_BHW)
 
     def decoder_logits(self, latents: tuple[int, ...]) -> torch.Tensor:
         """P_LC = W_dec[L] W_probe^T: what one unit of each latent adds to the logits."""
@@ -132,12 +139,24 @@ def matched_latents(frequency_S: np.ndarray, latents: tuple[int, ...], rng: np.r
     out = []
     for i in latents:
         distance = np.where(free, np.abs(log_f - log_f[i]), np.inf)
-        nearest = np.argsort(distance, kind="stable")[:pool]
-        nearest = nearest[np.isfinite(distance[nearest])]
+        nearest = _smallest(distance, pool)
         pick = int(rng.choice(nearest))
         out.append(pick)
         free[pick] = False
     return tuple(out)
+
+
+def _smallest(distance: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the n smallest finite values, ties to the lower index: a stable argsort's first n, found with a
+    partition (linear) rather than a sort, since it runs for every latent of every control draw."""
+    n = min(n, len(distance))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(distance, n - 1)[n - 1]
+    below = np.flatnonzero(distance < kth)
+    below = below[np.lexsort((below, distance[below]))]
+    nearest = np.concatenate([below, np.flatnonzero(distance == kth)[:n - len(below)]])
+    return nearest[np.isfinite(distance[nearest])]
 
 
 def random_direction(d_model: int, rng: np.random.Generator) -> torch.Tensor:
@@ -217,80 +236,6 @@ def _mean(mask_or_values: torch.Tensor) -> float:
     return float(mask_or_values.float().mean()) if mask_or_values.numel() else math.nan
 
 
-def _average(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = rows[0].keys() if rows else ()
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One class
-
-
-def evaluate_class(model: SuppressionModel, class_index: int, latents: tuple[int, ...],
-                   config: SuppressionConfig = SuppressionConfig()) -> dict:
-    """Everything the report of one class holds, as plain numbers (NaN where undefined)."""
-    with single_thread():
-        return _evaluate_class(model, class_index, latents, config)
-
-
-def _evaluate_class(model: SuppressionModel, class_index: int, latents: tuple[int, ...],
-                    config: SuppressionConfig) -> dict:
-    n_pixels = int(model.pixels_BC[:, class_index].sum())
-    n_patches = int((model.patch.labels_N == class_index).sum())
-    base = {"class_index": class_index, "latents": list(latents), "scale": float(config.scale), "mode": config.mode,
-            "target_pixels": n_pixels, "target_patches": n_patches, "config": config.model_dump(mode="json")}
-    if n_pixels == 0:
-        return {**base, "status": "absent_from_validation",
-                "reason": "no validation pixel carries this class: nothing to measure"}
-    if not latents:
-        return {**base, "status": "no_latents", "reason": "no latents were chosen for this class (see class_latents)"}
-    draws = control_draws(model, class_index, latents, config)
-    # Each latent set's columns are read once and serve every setting.
-    columns = {ls: model.codes.columns(ls) for ls in {latents, *(r for r, _ in draws)}}
-    groups = patch_groups(model.patch, class_index)
-    dose, shifts = [], {}
-    for mode, scale in config.settings():
-        edit = latent_edit(model, latents, scale, mode, columns[latents])
-        target_shift = edit_shift(model, edit)
-        random_shifts = [edit_shift(model, latent_edit(model, r, scale, mode, columns[r])) for r, _ in draws]
-        direction_shifts = [direction_shift(model, edit, u) for _, u in draws]
-        shifts[(mode, scale)] = (target_shift, random_shifts, direction_shifts)
-        row = {"mode": mode, "scale": scale, "active_tokens": len(edit.tokens_U),
-               **_patch_row(model, class_index, groups, target_shift, random_shifts, direction_shifts)}
-        row["specific"] = is_class_specific(row["target_change_rate"], row["other_change_rate"],
-                                            [row["random_latents_target_change_rate"],
-                                             row["random_direction_target_change_rate"]], config)
-        dose.append(row)
-    configured = next(r for r in dose if (r["mode"], r["scale"]) == (config.mode, float(config.scale)))
-    target_shift, random_shifts, direction_shifts = shifts[(config.mode, float(config.scale))]
-    after = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, target_shift))
-    pixel = pixel_measures(model.pixel_before, after, class_index)
-    controls = {}
-    for name, control_shifts in (("random_latents", random_shifts), ("random_direction", direction_shifts)):
-        rows = [pixel_measures(model.pixel_before, ConfusionMatrix.from_counts(
-            model.pixel.counts_after(model.patch, s)), class_index) for s in control_shifts]
-        controls[name] = {k: v for k, v in _average(rows).items() if k.endswith("_after")}
-    return {**base, "status": "evaluated", "reason": "",
-            "values": [float(v) for v in config.scale * model.max_activation_S[list(latents)]],
-            "metrics": {**pixel, **{k: v for k, v in configured.items() if k not in ("mode", "scale")}},
-            "controls": {"random_latents": {"latents_per_seed": [list(r) for r, _ in draws],
-                                            **controls["random_latents"]},
-                         "random_direction": controls["random_direction"]},
-            "specific": bool(configured["specific"]), "most_moved_other_classes": most_moved(
-                model.pixel_before, after, class_index), "dose_response": dose}
-
-
-def _patch_row(model: SuppressionModel, class_index: int, groups: tuple[torch.Tensor, torch.Tensor],
-               target: LogitShift, randoms: list[LogitShift], directions: list[LogitShift]) -> dict[str, float]:
-    def measure(shift: LogitShift) -> dict[str, float]:
-        return patch_measures(model.patch, model.patch.predictions_after(shift), class_index, groups)
-
-    row = measure(target)
-    for name, shifts in (("random_latents", randoms), ("random_direction", directions)):
-        row.update({f"{name}_{k}": v for k, v in _average([measure(s) for s in shifts]).items()})
-    return row
-
-
 def example_images(model: SuppressionModel, class_index: int, n: int = 3) -> list[int]:
     """The validation images with the most class-c pixels (ties: lower index), those with none left out."""
     counts = model.pixels_BC[:, class_index]
@@ -311,8 +256,9 @@ def example_predictions(model: SuppressionModel, shift: LogitShift, images: list
     return model.codes.pixel_pred_BHW[images].long(), after
 
 
-def load_model(sae_folder, probe_folder, stats_folder, codes_folder, val_cache) -> SuppressionModel:
-    """Reads the shared inputs once: decoder rows, probe, latent maxima and frequencies, validation codes, labels."""
+def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixel: bool = True) -> SuppressionModel:
+    """Reads the shared inputs once: decoder rows, probe, latent maxima and frequencies, the codes of one set of
+    images (all of `cache`, or the spans the codes were computed on) and their labels."""
     from .latents import load_latent_stats
     from .probe import load_probe
     from .sae import load_sae
@@ -322,11 +268,13 @@ def load_model(sae_folder, probe_folder, stats_folder, codes_folder, val_cache) 
     probe = load_probe(probe_folder)
     stats = load_latent_stats(stats_folder)
     codes = load_val_codes(codes_folder)
+    spans = [tuple(span) for span in codes.meta.get("cache", {}).get("spans") or [(0, cache.n_images)]]
+    n_images = sum(b - a for a, b in spans)
     # Which SAE each input was made from is the caller's to check (the store's manifests); this catches a mix-up.
-    if codes.n_tokens != val_cache.n_tokens or stats.d_sae != sae.spec.d_sae or codes.d_sae != sae.spec.d_sae:
+    if codes.n_tokens != n_images * cache.n_patches or stats.d_sae != sae.spec.d_sae or codes.d_sae != sae.spec.d_sae:
         raise ValueError(f"{codes_folder} / {stats_folder} do not match the SAE in {sae_folder} and the cache "
-                         f"{val_cache.path}: materialize latent_stats and val_codes again")
-    labels_N = torch.from_numpy(val_cache.read("patch_labels", 0, val_cache.n_images)).reshape(-1)
-    pixels_BHW = torch.from_numpy(val_cache.read("pixel_labels", 0, val_cache.n_images))
+                         f"{cache.path}: materialize latent_stats and the codes again")
+    labels_N = torch.from_numpy(np.concatenate([cache.read("patch_labels", a, b) for a, b in spans])).reshape(-1)
+    pixels_BHW = torch.from_numpy(np.concatenate([cache.read("pixel_labels", a, b) for a, b in spans]))
     return SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, codes,
-                            labels_N, pixels_BHW, val_cache.grid)
+                            labels_N, pixels_BHW, cache.grid, pixel)

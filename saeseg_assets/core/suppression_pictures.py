@@ -40,7 +40,7 @@ def latent_gallery_png(rows: list[tuple[str, list[tuple[np.ndarray | None, tuple
                        title: str) -> bytes:
     """One row per latent: its label, then tiles (crop or None, patch box, caption) with the patch outlined."""
     n_cols = max([len(tiles) for _, tiles in rows] + [1])
-    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.5 * n_cols, 1.7 * max(len(rows), 1)),
+    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.7 * n_cols, 1.95 * max(len(rows), 1)),
                              squeeze=False)
     for r, (label, tiles) in enumerate(rows):
         for c in range(n_cols):
@@ -52,71 +52,177 @@ def latent_gallery_png(rows: list[tuple[str, list[tuple[np.ndarray | None, tuple
                 continue
             crop, (x, y, w, h), caption = tiles[c]
             if crop is None:
-                ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=7)
+                ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=9)
             else:
                 ax.imshow(crop)
                 ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="red", linewidth=1.5))
-            ax.set_title(caption, fontsize=6)
+            ax.set_title(caption, fontsize=9)
             if c == 0:
-                ax.set_ylabel(label, fontsize=7)
+                ax.set_ylabel(label, fontsize=10)
     if not rows:
         axes[0][0].text(0.5, 0.5, "no latents", ha="center", va="center")
         axes[0][0].axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return figure_png(fig)
 
 
-def suppression_examples_png(images: list[np.ndarray | None], before: list[np.ndarray], after: list[np.ndarray],
-                             captions: list[str], title: str) -> bytes:
-    """Per row: image | baseline prediction | suppressed prediction, in the ADE palette."""
+def class_names(indices) -> dict[int, str]:
+    """ADE names of label values (0: "other", the unlabelled pixels)."""
+    from .ade20k import class_by_index
+
+    return {int(i): "other (unlabelled)" if i == 0 else class_by_index(int(i)).name for i in indices}
+
+
+def _outline(ax, mask_HW: np.ndarray) -> None:
+    """The target's boundary, white under black, visible on any colour."""
+    if mask_HW.any() and not mask_HW.all():
+        for colour, width in (("white", 2.4), ("black", 1.0)):
+            ax.contour(mask_HW.astype(float), levels=[0.5], colors=colour, linewidths=width)
+
+
+def legend_classes(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[int, str]]:
+    """(label value, legend text) of every class in the label maps of `rows`: the targets first, then by area."""
+    area: dict[int, int] = {}
+    for row in rows:
+        for name, _ in columns:
+            if name != "rgb" and row.get(name) is not None:
+                values, counts = np.unique(row[name], return_counts=True)
+                for v, n in zip(values.tolist(), counts.tolist()):
+                    area[v] = area.get(v, 0) + n
+    targets = {int(row["target"]) for row in rows}
+    order = sorted(area, key=lambda v: (v not in targets, -area[v], v))
+    names = class_names(order)
+    return [(v, f"{names[v]} (target, outlined)" if v in targets else names[v]) for v in order]
+
+
+def label_panels_png(rows: list[dict], columns: list[tuple[str, str]], title: str, max_legend: int = 20,
+                     size: float = 2.0) -> bytes:
+    """A grid of label maps in the ADE palette, one row per dict of `rows` ("label": the row's caption, "target":
+    the class outlined in every panel, "rgb": the image or None, and a label map [H, W] per column name); `columns`
+    gives (name, column title); `size`: a panel's side in inches. Below: a legend naming every class that appears,
+    by area, targets marked."""
     palette = ade_palette()
-    n = max(len(before), 1)
-    fig, axes = plt.subplots(n, 3, figsize=(6.3, 2.1 * n), squeeze=False)
-    for r in range(len(before)):
-        panels = [images[r], colourize(before[r], palette), colourize(after[r], palette)]
-        names = [captions[r], "baseline prediction", "suppressed prediction"]
-        for c, (panel, name) in enumerate(zip(panels, names)):
+    legend = legend_classes(rows, columns)
+    n_cols, n_rows = len(columns), max(len(rows), 1)
+    legend_cols = min(n_cols + 1, 5)
+    n_legend = min(len(legend), max_legend) + (len(legend) > max_legend)
+    # Margins in inches, so that panels stay square and nothing overlaps whatever the number of rows.
+    gap, left, right = 0.12, 0.4, 0.1
+    top = 0.35 + 0.25 * (title.count("\n") + 1)
+    bottom = 0.3 + 0.25 * (1 + -(-n_legend // legend_cols)) if legend else 0.2
+    width = left + n_cols * size + (n_cols - 1) * gap + right
+    height = top + n_rows * size + (n_rows - 1) * gap + bottom
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=gap / size, hspace=gap / size)
+    for r, row in enumerate(rows):
+        target_HW = row["ground_truth"] == row["target"]
+        for c, (name, heading) in enumerate(columns):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
+            panel = row.get(name)
             if panel is None:
-                ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=7)
+                ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=10, transform=ax.transAxes)
             else:
-                ax.imshow(panel)
-            ax.set_title(name, fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+                ax.imshow(panel if name == "rgb" else colourize(panel, palette), interpolation="nearest")
+                _outline(ax, target_HW)
+            if r == 0:
+                ax.set_title(heading, fontsize=11)
+            if c == 0:
+                ax.set_ylabel(row["label"], fontsize=10)
+    if not rows:
+        axes[0][0].text(0.5, 0.5, "no examples", ha="center", va="center")
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=palette[v] / 255, edgecolor="black", linewidth=0.5)
+               for v, _ in legend[:max_legend]]
+    labels = [text for _, text in legend[:max_legend]]
+    if len(legend) > max_legend:
+        handles.append(plt.Rectangle((0, 0), 1, 1, fill=False, edgecolor="none"))
+        labels.append(f"+{len(legend) - max_legend} more")
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=10, frameon=False,
+                   title="colours: ADE20K classes (predicted or true)", title_fontsize=10)
+    fig.suptitle(title, fontsize=12, y=1 - 0.08 / height, va="top")
     return figure_png(fig)
 
 
+SETTING_NAMES = {"configured": "original setting", "tuned": "tuned setting"}  # of the suppressions in examples.npz
+
+
+def example_rows(arrays: dict[str, np.ndarray], settings: dict[str, str]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The rows and columns of `label_panels_png` for a report's examples (core.examples): image | ground truth |
+    baseline prediction | the prediction after each suppression of `settings` that the arrays hold."""
+    columns = [("rgb", "image"), ("ground_truth", "ground truth"), ("baseline", "before (baseline)"),
+               *((name, f"after: {SETTING_NAMES.get(name, name)}") for name in settings if name in arrays)]
+    rows = [{"label": str(image_id), "target": int(arrays["class_index"]),
+             "rgb": arrays["rgb"][i] if arrays["has_rgb"][i] else None,
+             **{name: arrays[name][i] for name, _ in columns[1:]}} for i, image_id in enumerate(arrays["image_ids"])]
+    return rows, columns
+
+
+def examples_png(arrays: dict[str, np.ndarray], class_key: str, settings: dict[str, str]) -> bytes:
+    """A report's examples, the class outlined; `settings`: name (configured, tuned) -> the setting in words."""
+    rows, columns = example_rows(arrays, settings)
+    name = class_names([int(arrays["class_index"])])[int(arrays["class_index"])]
+    described = "\n".join(f"{SETTING_NAMES.get(k, k)}: {text}" for k, text in settings.items() if k in arrays)
+    return label_panels_png(rows, columns, f"{class_key}: the {len(rows)} validation images with the most {name} "
+                            f"pixels, before and after suppression\n{described}")
+
+
 def dose_response_png(rows: list[dict], title: str) -> bytes:
-    """Per mode, change rates and target patch accuracy against the scale, with both controls dashed."""
+    """Per mode, change rates and target patch accuracy against the scale, with both controls dashed; scales where
+    the class counts as class-specific are shaded."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.2 * max(len(modes), 1), 3), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(5.0 * max(len(modes), 1), 3.8), squeeze=False)
     series = [("target_change_rate", "target change", "tab:red", "-"),
               ("other_change_rate", "other change", "tab:blue", "-"),
               ("target_patch_accuracy", "target patch acc.", "tab:green", ":"),
-              ("random_latents_target_change_rate", "rand. latents: target change", "tab:orange", "--"),
-              ("random_direction_target_change_rate", "rand. direction: target change", "tab:purple", "--")]
+              ("random_latents_target_change_rate", "random latents: target change", "tab:orange", "--"),
+              ("random_direction_target_change_rate", "random direction: target change", "tab:purple", "--")]
     for ax, mode in zip(axes[0], modes):
         sub = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["scale"])
         scales = [r["scale"] for r in sub]
         for key, label, colour, style in series:
             ax.plot(scales, [np.nan if r.get(key) is None else r[key] for r in sub], style, color=colour,
-                    marker="o", markersize=3, label=label)
-        for r in sub:
+                    marker="o", markersize=4, label=label)
+        # A band from halfway to each neighbouring scale, so a single specific scale is plainly visible.
+        edges = [scales[0] - 0.25, *((a + b) / 2 for a, b in zip(scales, scales[1:])), scales[-1] + 0.25]
+        for i, r in enumerate(sub):
             if r.get("specific"):
-                ax.axvline(r["scale"], color="grey", alpha=0.25, linewidth=6)
-        ax.set_title(mode, fontsize=9)
-        ax.set_xlabel("scale (x max activation)")
+                ax.axvspan(edges[i], edges[i + 1], color="tab:green", alpha=0.15, linewidth=0)
+        ax.set_title(mode.replace("_", " "), fontsize=11)
+        ax.set_xlabel("scale (x max activation)", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("share of patches")
+    axes[0][0].set_ylabel("share of patches", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=6, frameon=False)
-    fig.suptitle(title + " (grey band: class-specific)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    any_specific = any(r.get("specific") for r in rows)
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.15))
+    labels.append("shaded: class-specific" if any_specific else "class-specific at no scale (would be shaded)")
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=10, frameon=False)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return figure_png(fig)
+
+
+def latent_count_png(rows: list[dict], scale: float, title: str) -> bytes:
+    """Target and other change rates against the number of suppressed latents, at one scale, one line per mode."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode, style in zip(dict.fromkeys(r["mode"] for r in rows), ("-", "--")):
+        sub = sorted((r for r in rows if r["mode"] == mode and r["scale"] == scale), key=lambda r: r["n_latents"])
+        for key, colour in (("target_change_rate", "tab:red"), ("other_change_rate", "tab:blue")):
+            ax.plot([r["n_latents"] for r in sub], [np.nan if r.get(key) is None else r[key] for r in sub], style,
+                    color=colour, marker="o", markersize=4, label=f"{key.split('_')[0]} change, {mode}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latents suppressed (top N of the ranking)", fontsize=10)
+    ax.set_ylabel("share of patches changed", fontsize=10)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(f"{title}\nat {scale:g} x max", fontsize=11)
+    fig.tight_layout()
     return figure_png(fig)
 
 
@@ -124,37 +230,37 @@ def change_rates_png(keys: list[str], target: list[float], other: list[float], r
                      random_direction: list[float], specific: list[bool], title: str) -> bytes:
     """Per class: target change rate (dot, filled when class-specific), other change rate, and both controls'
     target change rates, side by side."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(keys) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(keys) + 2), 4.4))
     x = np.arange(len(keys))
     ax.scatter(x, target, color="tab:red", label="target change", zorder=3,
                facecolors=["tab:red" if s else "none" for s in specific])
     ax.scatter(x, other, color="tab:blue", marker="s", label="other change", zorder=3)
     ax.scatter(x, random_latents, color="tab:orange", marker="^", label="random latents: target", zorder=2)
     ax.scatter(x, random_direction, color="tab:purple", marker="v", label="random direction: target", zorder=2)
-    ax.set_xticks(x, keys, rotation=70, fontsize=6)
+    ax.set_xticks(x, keys, rotation=60, ha="right", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("share of patches changed")
+    ax.set_ylabel("share of patches changed", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax.set_title(title + " (filled: class-specific)", fontsize=9)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title + "\n(filled circle: class-specific)", fontsize=11)
     fig.tight_layout()
     return figure_png(fig)
 
 
 def specific_counts_png(counts: list[dict], n_classes: int, title: str) -> bytes:
     """Number of class-specific classes against the scale, one line per mode."""
-    fig, ax = plt.subplots(figsize=(4.5, 3))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for mode in dict.fromkeys(r["mode"] for r in counts):
         sub = sorted((r for r in counts if r["mode"] == mode), key=lambda r: r["scale"])
         ax.plot([r["scale"] for r in sub], [r["n_specific"] for r in sub], marker="o", label=mode)
-    ax.set_xlabel("scale (x max activation)")
-    ax.set_ylabel(f"class-specific classes (of {n_classes})")
+    ax.set_xlabel("scale (x max activation)", fontsize=10)
+    ax.set_ylabel(f"class-specific classes (of {n_classes})", fontsize=10)
     ax.set_ylim(-0.3, max(n_classes, 1) + 0.3)
     ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if counts:
-        ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=9)
+    ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return figure_png(fig)
 
@@ -175,3 +281,36 @@ def class_gallery_png(top_by_latent: list[tuple[int, list[tuple[int, int, float]
             tiles.append((crop, box, f"img {image_index} p{patch}: {value:.3g}"))
         rows.append((f"latent {latent}", tiles))
     return latent_gallery_png(rows, title)
+
+
+def specificity_heatmap_png(rows: list[str], columns: list[str], specific: list[list], target: list[list],
+                            title: str, groups: list[tuple[str, int, int]] = ()) -> bytes:
+    """Classes (rows) by settings (columns): green where the class counts as class-specific, grey where not, blank
+    where not measured; each cell shows the target change rate. `groups`: (label, first column, end) drawn above the
+    columns and parted by lines (e.g. the sweep per mode, then the tuned settings per rule)."""
+    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * max(len(columns), 1), 2.2 + 0.36 * max(len(rows), 1)))
+    colours = {True: (0.6, 0.85, 0.55), False: (0.88, 0.88, 0.88), None: (1.0, 1.0, 1.0)}
+    image = np.array([[colours[None if v is None else bool(v)] for v in line] for line in specific] or
+                     [[colours[None]]])
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    for i, line in enumerate(target):
+        for j, value in enumerate(line):
+            text = "" if value is None or not np.isfinite(value) else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                    fontweight="bold" if specific[i][j] else "normal")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=9)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    ax.set_xticks(np.arange(-0.5, len(columns)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    for label, start, end in groups:
+        ax.text((start + end - 1) / 2, -0.7, label, ha="center", va="bottom", fontsize=10)
+        if start > 0:
+            ax.axvline(start - 0.5, color="black", linewidth=2)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[v], edgecolor="grey") for v in (True, False)]
+    fig.legend(handles, ["class-specific", "not class-specific (numbers: target change rate)"], loc="lower center",
+               ncol=2, fontsize=9, frameon=False)
+    ax.set_title(title, fontsize=11, pad=24)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return figure_png(fig)

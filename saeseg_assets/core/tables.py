@@ -1,13 +1,33 @@
-"""Markdown tables for Dagster metadata: one renderer, so that every table shows its numbers the same way.
-
-Torch-free and Dagster-free; it takes a list of row dicts or a pandas DataFrame.
+"""Numbers and tables for Dagster metadata: one rounding (4 significant digits) and one markdown renderer, so that
+every number shows the same way. Torch-free and Dagster-free; tables take a list of row dicts or a pandas DataFrame.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+DIGITS = 4  # significant digits of every number shown in metadata; the files keep full precision
+
+
+def significant(value, digits: int = DIGITS):
+    """`value` with its floats rounded to `digits` significant digits, inside lists, tuples and dicts too; numpy
+    scalars become Python numbers, NaN and infinities stay, everything else is returned as it is."""
+    if isinstance(value, (bool, np.bool_)):  # before numbers: bool is an int
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if not math.isfinite(value) or value == 0 else float(f"{value:.{digits}g}")
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: significant(v, digits) for k, v in value.items()}
+    if type(value) in (list, tuple):  # exactly: named tuples and records are left as they are
+        rounded = [significant(v, digits) for v in value]
+        return rounded if isinstance(value, list) else tuple(rounded)
+    return value
 
 
 def markdown_table(rows: Iterable[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None,
@@ -40,7 +60,7 @@ def _cell(value) -> str:
     if isinstance(value, (bool, np.bool_)):  # before numbers: bool is an int
         return "yes" if value else "no"
     if isinstance(value, (float, np.floating)):
-        return "-" if np.isnan(value) else f"{value:.4g}"
+        return "-" if np.isnan(value) else f"{value:.{DIGITS}g}"
     return str(value)
 
 

@@ -65,39 +65,41 @@ class ValCodes:
 
 @torch.inference_mode()
 def compute_val_codes(sae, probe, cache: ActivationCache, device: str = "cpu", block_images: int = 16,
-                      log: Callable[[str], None] = print) -> ValCodes:
-    """One SAE pass and one probe pass over the validation cache; codes are regrouped by latent at the end."""
+                      log: Callable[[str], None] = print, spans: list[tuple[int, int]] | None = None) -> ValCodes:
+    """One SAE pass and one probe pass over the cache's images, or over those of `spans` numbered in their order
+    (the held-out training images used for tuning); codes are regrouped by latent at the end."""
     if sae.spec.d_model != cache.d_model or probe.d_model != cache.d_model:
         raise ValueError(f"d_model: SAE {sae.spec.d_model}, probe {probe.d_model}, cache {cache.path} {cache.d_model}")
     dev = torch.device(device)
     sae, probe_dev = sae.to(dev), probe.to(dev)
     crop = int(cache.attrs["crop_size"])
     tok_parts, lat_parts, val_parts, logit_parts, pixel_parts = [], [], [], [], []
-    for start, block in cache.iter_blocks(("activations",), block_images):
-        acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
-        x_ND = acts_BPD.reshape(-1, cache.d_model)
-        tok_M, lat_M, val_M = nonzero_codes(*sae.encode(x_ND))
-        tok_parts.append(tok_M.cpu() + start * cache.n_patches)
-        lat_parts.append(lat_M.cpu())
-        val_parts.append(val_M.float().cpu())
-        # The same arithmetic as the probe's evaluation, so baseline figures agree with `baseline_metrics`.
-        logits_BPC = torch.einsum("bpd,cd->bpc", acts_BPD, probe_dev.weight_CD) + probe_dev.bias_C
-        logit_parts.append(logits_BPC.reshape(-1, logits_BPC.shape[-1]).cpu())
-        pixel_parts.append(pixel_predictions(grid_logits(logits_BPC, cache.grid), crop).to(torch.uint8).cpu())
+    first = 0  # the first image of the span among the images read
+    for a, b in spans or [(0, cache.n_images)]:
+        for start, block in cache.iter_blocks(("activations",), block_images, start=a, stop=b):
+            acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
+            tok_M, lat_M, val_M = nonzero_codes(*sae.encode(acts_BPD.reshape(-1, cache.d_model)))
+            tok_parts.append(tok_M.cpu() + (first + start - a) * cache.n_patches)
+            lat_parts.append(lat_M.cpu())
+            val_parts.append(val_M.float().cpu())
+            # The same arithmetic as the probe's evaluation, so baseline figures agree with `baseline_metrics`.
+            logits_BPC = torch.einsum("bpd,cd->bpc", acts_BPD, probe_dev.weight_CD) + probe_dev.bias_C
+            logit_parts.append(logits_BPC.reshape(-1, logits_BPC.shape[-1]).cpu())
+            pixel_parts.append(pixel_predictions(grid_logits(logits_BPC, cache.grid), crop).to(torch.uint8).cpu())
+        first += b - a
     tokens = torch.cat(tok_parts) if tok_parts else torch.zeros(0, dtype=torch.int64)
     latents = torch.cat(lat_parts) if lat_parts else torch.zeros(0, dtype=torch.int64)
     values = torch.cat(val_parts) if val_parts else torch.zeros(0)
     # Sort by (latent, token): tokens arrive ascending, so a stable sort by latent suffices.
     order = torch.argsort(latents, stable=True)
-    counts = torch.bincount(latents, minlength=sae.spec.d_sae)
     indptr = torch.zeros(sae.spec.d_sae + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(counts, 0)
+    indptr[1:] = torch.cumsum(torch.bincount(latents, minlength=sae.spec.d_sae), 0)
     codes = ValCodes(indptr, tokens[order].to(torch.int32), values[order], torch.cat(logit_parts),
                      torch.cat(pixel_parts),
                      {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
-                      "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint}})
-    log(f"validation codes: {len(values)} non-zero codes over {cache.n_tokens} tokens "
-        f"({len(values) / max(cache.n_tokens, 1):.1f} per token)")
+                      "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}})
+    n_tokens = len(codes.logits_NC)
+    log(f"codes: {len(values)} non-zero codes over {n_tokens} tokens ({len(values) / max(n_tokens, 1):.1f} per token)")
     return codes
 
 

@@ -28,10 +28,6 @@ class Setting:
     mode: str
     scale: float
 
-    def describe(self) -> str:
-        where = "every token" if self.mode == "every_token" else "the tokens where they fire"
-        return f"{self.scale:g} x max on {where}, {self.n_latents} latent{'s' * (self.n_latents != 1)} by {self.rule}"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Patch-level measures, kept per image for the bootstrap

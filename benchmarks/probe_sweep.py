@@ -59,6 +59,17 @@ def _counting(cache: ActivationCache) -> list[int]:
     return reads
 
 
+def matmul_rate(n: int, d: int, c: int, seconds: float = 1.0) -> float:
+    """FLOP/s of an [n, d] x [d, c] fp32 matmul, the best of repeated timings."""
+    a, b = torch.randn(n, d), torch.randn(c, d)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * d * c / best
+
+
 def timed(work) -> float:
     t0 = time.perf_counter()
     work()
@@ -118,6 +129,15 @@ def main() -> None:
         for name, seconds in times.items():
             print(f"{name:18s} {min(seconds):7.1f} s  {counts[name]:5d} cache reads  "
                   f"(rounds: {', '.join(f'{s:.1f}' for s in seconds)})")
+        # The most sharing can give here: heads whose two matmuls per batch (logits, weight gradient) ran at this
+        # machine's matmul rate and cost nothing else, against this measured pass of reading and target building.
+        n_batches = -(-sum(b - a for a, b in train_spans) * cache.n_patches // shared.batch_size)
+        head_s = n_batches * 2 * 2 * shared.batch_size * cache.d_model * 151 / matmul_rate(shared.batch_size,
+                                                                                          cache.d_model, 151)
+        H = len(singles)
+        ceiling = H * (read_pass + head_s) / (read_pass + H * head_s)
+        print(f"ceiling of the training speed-up at the matmul roofline: {ceiling:.1f}x (one pass of reading "
+              f"{read_pass:.2f} s, one head's matmuls {head_s:.3f} s per pass)")
         for stage in ("train", "select"):
             ratio = min(times[f"{stage} one by one"]) / min(times[f"{stage} shared"])
             print(f"speed-up of sharing batches, {stage}: {ratio:.1f}x with {len(singles)} heads")

@@ -30,7 +30,7 @@ $(INSTANCE):
 	  'run_monitoring:' '  enabled: true' '  poll_interval_seconds: 10' 'telemetry:' '  enabled: false' > $@
 
 # The demo's steps one after the other in each run's own process: every torch step gets all the cores (two side by
-# side fight for them), and no step pays the seconds of starting a process (README, "One step at a time").
+# side fight for them), and no step pays the seconds of starting a process (README, "One GPU step at a time").
 MATERIALIZE := .venv/bin/dagster asset materialize -m saeseg_assets --config-json '{"execution": {"config": {"in_process": {}}}}'
 demo: $(STAMP) $(INSTANCE)
 	$(MATERIALIZE) --select '$(SHARED)'

@@ -116,11 +116,11 @@ def run_stage(asset: str, extra: list[str], env: dict[str, str], log: Path) -> t
     t0 = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        _, status, usage = os.wait4(process.pid, 0)  # wait4: this child's own peak RSS
     wall = time.perf_counter() - t0
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{asset} failed (exit {process.returncode}); its log: {log}")
+    process.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+    if code:
+        raise SystemExit(f"{asset} failed (exit {code}); its log: {log}")
     steps = [(m[1], float(m[2]) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[m[3]]) for m in STEP_TIME.finditer(log.read_text())]
     step = sum(seconds for name, seconds in steps if name == asset)
     return usage.ru_maxrss / 1024, step, wall

@@ -20,6 +20,7 @@ import torch
 from saeseg_assets.core.ade20k import patch_labels
 from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter, token_batches
 from saeseg_assets.core.probe import SweepConfig, evaluate_heads, split_held_out, target_field, train_heads
+from sae_training import matmul_rate  # the benchmark beside this one (scripts run from benchmarks/)
 
 
 def synthetic_cache(path: Path, n_images: int, d_model: int = 384, crop: int = 224, patch: int = 14,
@@ -57,17 +58,6 @@ def _counting(cache: ActivationCache) -> list[int]:
 
     cache.read = counted  # type: ignore[method-assign]
     return reads
-
-
-def matmul_rate(n: int, d: int, c: int, seconds: float = 1.0) -> float:
-    """FLOP/s of an [n, d] x [d, c] fp32 matmul, the best of repeated timings."""
-    a, b = torch.randn(n, d), torch.randn(c, d)
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * d * c / best
 
 
 def timed(work) -> float:
@@ -133,7 +123,7 @@ def main() -> None:
         # machine's matmul rate and cost nothing else, against this measured pass of reading and target building.
         n_batches = -(-sum(b - a for a, b in train_spans) * cache.n_patches // shared.batch_size)
         head_s = n_batches * 2 * 2 * shared.batch_size * cache.d_model * 151 / matmul_rate(shared.batch_size,
-                                                                                          cache.d_model, 151)
+                                                                                          cache.d_model, 151, args.device)
         H = len(singles)
         ceiling = H * (read_pass + head_s) / (read_pass + H * head_s)
         print(f"ceiling of the training speed-up at the matmul roofline: {ceiling:.1f}x (one pass of reading "

@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 from saeseg_assets_tests.postgres import PostgresServer, find_bin
-from saeseg_assets_tests.test_postgres import CLASSES, backfill_runs, clone_world, make_template_world, wait_for_runs
+from saeseg_assets_tests.test_postgres import (
+    CLASSES,
+    backfill_runs,
+    clone_world,
+    make_template_world,
+    wait_for_runs,
+)
 
 
 def timed_backfill(world) -> tuple[float, float, int]:

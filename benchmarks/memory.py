@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache, CacheWriter
-from saeseg_assets.core.store import Spec, Store
+from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache, CacheWriter
+from saeseg_assets.core.store.artifacts import Spec, Store
 
 # In pipeline order; the first ones only put inputs in place for those measured.
 STAGES = [

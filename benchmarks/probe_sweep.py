@@ -16,11 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sae_training import (
+    matmul_rate,  # the benchmark beside this one (scripts run from benchmarks/)
+)
 
-from saeseg_assets.core.ade20k import patch_labels
-from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter, token_batches
-from saeseg_assets.core.probe import SweepConfig, evaluate_heads, split_held_out, target_field, train_heads
-from sae_training import matmul_rate  # the benchmark beside this one (scripts run from benchmarks/)
+from saeseg_assets.core.data.ade20k import patch_labels
+from saeseg_assets.core.data.cache import (
+    ActivationCache,
+    CacheSettings,
+    CacheWriter,
+    token_batches,
+)
+from saeseg_assets.core.probe.evaluation import evaluate_heads
+from saeseg_assets.core.probe.sweep import split_held_out, target_field, train_heads
+from saeseg_assets.core.settings import SweepConfig
 
 
 def synthetic_cache(path: Path, n_images: int, d_model: int = 384, crop: int = 224, patch: int = 14,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saeseg_assets.core.ade20k import list_split, load_sample
-from saeseg_assets.core.backbone import load_backbone
-from saeseg_assets.core.demo_data import write_demo_dataset
-from saeseg_assets.core.recording import cache_settings, record_split
+from saeseg_assets.core.data.ade20k import list_split, load_sample
+from saeseg_assets.core.data.backbone import load_backbone
+from saeseg_assets.core.data.demo_data import write_demo_dataset
+from saeseg_assets.core.data.recording import cache_settings, record_split
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
-from saeseg_assets.core.sae import Sae, SaeSpec
+from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
+from saeseg_assets.core.data.synthetic import write_sparse_cache
+from saeseg_assets.core.sae.model import Sae, SaeSpec
+from saeseg_assets.core.sae.training import train_sae, train_step
 from saeseg_assets.core.settings import TrainConfig
-from saeseg_assets.core.sae_training import train_sae, train_step
-from saeseg_assets.core.store import Store
-from saeseg_assets.core.synthetic import write_sparse_cache
+from saeseg_assets.core.store.artifacts import Store
 
 
 class InMemoryCache:

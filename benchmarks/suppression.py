@@ -17,17 +17,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saeseg_assets.core.ade20k import CLASSES, class_by_key
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
-from saeseg_assets.core.logit_shift import PatchBaseline, PixelBaseline
-from saeseg_assets.core.latents import compute_latent_stats, margin_effects, select_class_latents
-from saeseg_assets.core.probe import Probe, load_probe, pixel_share_targets, split_held_out
-from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
-from saeseg_assets.core.settings import RULES, SelectionConfig, StatsConfig, SuppressionConfig, SweepConfig
-from saeseg_assets.core.store import Store
-from saeseg_assets.core.study import study_class
-from saeseg_assets.core.suppression import SuppressionModel
-from saeseg_assets.core.val_codes import compute_val_codes
+from saeseg_assets.core.data.ade20k import CLASSES, class_by_key
+from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
+from saeseg_assets.core.probe.model import Probe, load_probe
+from saeseg_assets.core.probe.sweep import pixel_share_targets, split_held_out
+from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae
+from saeseg_assets.core.settings import (
+    RULES,
+    SelectionConfig,
+    StatsConfig,
+    SuppressionConfig,
+    SweepConfig,
+)
+from saeseg_assets.core.store.artifacts import Store
+from saeseg_assets.core.study.class_study import study_class
+from saeseg_assets.core.study.codes import compute_val_codes
+from saeseg_assets.core.study.latent_stats import (
+    compute_latent_stats,
+    margin_effects,
+    select_class_latents,
+)
+from saeseg_assets.core.study.logit_shift import PatchBaseline, PixelBaseline
+from saeseg_assets.core.study.suppression import SuppressionModel
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import graphlib
 import itertools
-import os
 
 import dagster as dg
 
-from .core.checkpoint_watch import QUIET_PERIOD_S, WatchState, observe, step
+from .core.store.checkpoint_watch import WatchState, observe, step
+from .environment import ENV
 from .resources import Checkpoints, Storage
 
-# Read at load time so a test (or an impatient user) can poll every second or two.
-SENSOR_INTERVAL_S = int(os.environ.get("SAESEG_SENSOR_INTERVAL_S", "30"))
+# A test (or an impatient user) can poll every second or two (env SAESEG_SENSOR_INTERVAL_S).
+SENSOR_INTERVAL_S = ENV.sensor_interval_s
 # How long a checkpoint's files must have stayed untouched before the sensors import it (core.checkpoint_watch).
-CHECKPOINT_QUIET_S = float(os.environ.get("SAESEG_CHECKPOINT_QUIET_S", QUIET_PERIOD_S))
+CHECKPOINT_QUIET_S = ENV.checkpoint_quiet_s
 NIGHTLY_CRON = "0 3 * * *"
 IMPORT_ASSETS = {"sae": "sae_weights", "probe": "probe_checkpoint"}
 CHECKPOINT_TAG = "saeseg/checkpoint_sha256"

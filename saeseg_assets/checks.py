@@ -10,10 +10,10 @@ import warnings
 import dagster as dg
 from pydantic import Field
 
+from .assets.reports import suppression_report
 from .assets.sae import EVALUATION_FILE, sae_weights
-from .assets.suppression import suppression_report
-from .artifacts import input_folder, readable
 from .partitions import class_partitions
+from .recipe import input_folder, readable
 from .resources import Storage
 
 # A partitioned check is a preview feature in Dagster 1.13; its notice would print at every definitions load.

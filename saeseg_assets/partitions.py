@@ -3,33 +3,24 @@ Keys and indices come from the core class table, so assets and core can never di
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-from .core.ade20k import CLASSES, class_by_index, class_by_key
+from .core.data.ade20k import CLASSES, class_by_index, class_by_key
+from .environment import ENV
 
 class_partitions = dg.StaticPartitionsDefinition([c.key for c in CLASSES])
 
-CLASSES_PER_RUN_ENV = "SAESEG_CLASSES_PER_RUN"
-
-
-def class_backfill_policy(per_run: str | None = None) -> dg.BackfillPolicy:
+def class_backfill_policy(per_run: int | None) -> dg.BackfillPolicy:
     """How a backfill of the class assets splits into runs: all classes in one run, loading the shared inputs once
-    (the default, and what `dagster asset materialize --partition-range` needs), or at most `per_run` classes per run
-    (env SAESEG_CLASSES_PER_RUN, read when the definitions load), runs the daemon's queue can start side by side."""
-    per_run = os.environ.get(CLASSES_PER_RUN_ENV, "") if per_run is None else per_run
-    if not per_run.strip():
+    (None: the default, and what `dagster asset materialize --partition-range` needs), or at most `per_run` classes
+    per run (env SAESEG_CLASSES_PER_RUN), runs the daemon's queue can start side by side."""
+    if per_run is None or per_run >= len(CLASSES):
         return dg.BackfillPolicy.single_run()
-    if not per_run.strip().isdigit() or int(per_run) < 1:
-        raise ValueError(f"{CLASSES_PER_RUN_ENV}={per_run!r}: expected a whole number of classes per run, at least 1")
-    if int(per_run) >= len(CLASSES):
-        return dg.BackfillPolicy.single_run()
-    return dg.BackfillPolicy.multi_run(max_partitions_per_run=int(per_run))
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=per_run)
 
 
 # Both class assets take the same policy, so a backfill runs a block's class_latents and reports in one run.
-CLASS_BACKFILL_POLICY = class_backfill_policy()
+CLASS_BACKFILL_POLICY = class_backfill_policy(ENV.classes_per_run)
 
 
 def class_index_for_key(key: str) -> int:

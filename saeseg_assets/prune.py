@@ -7,12 +7,12 @@ import argparse
 
 import dagster as dg
 
-from .artifacts import KEY
+from .recipe import KEY
 
 
 def kept_keys(instance: dg.DagsterInstance, specs: list[dg.AssetSpec]) -> dict[str, set[str]]:
     """Per asset, the keys its latest materializations point to (per class, for the partitioned ones)."""
-    from .artifacts import latest_keys
+    from .recipe import latest_keys
 
     kept: dict[str, set[str]] = {}
     for spec in specs:

@@ -5,11 +5,12 @@ Defaults come from environment variables (README, "Configuration") so one comman
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
+
+from .environment import ENV, Environment
 
 
 class Storage(dg.ConfigurableResource):
@@ -32,14 +33,14 @@ class Storage(dg.ConfigurableResource):
     @property
     def store(self):
         """The content-addressed artifact store under `data_dir` (README, "Formats")."""
-        from .core.store import Store
+        from .core.store.artifacts import Store
 
         return Store(self.root)
 
     def dataset_root(self) -> Path:
         """The dataset to read; the embedded default is written on first use (deterministic, atomic)."""
-        from .core.ade20k import find_dataset_root
-        from .core.demo_data import write_demo_dataset
+        from .core.data.ade20k import find_dataset_root
+        from .core.data.demo_data import write_demo_dataset
 
         if self.ade20k_root:
             return find_dataset_root(Path(self.ade20k_root).expanduser().resolve())
@@ -57,7 +58,7 @@ class Backbone(dg.ConfigurableResource):
     device: str = Field(default="cpu", description="'cpu' or 'cuda' (env SAESEG_DEVICE).")
 
     def load(self, storage: Storage):
-        from .core.backbone import load_backbone
+        from .core.data.backbone import load_backbone
 
         return load_backbone(self.source, storage.root, self.device)
 
@@ -78,12 +79,11 @@ class Checkpoints(dg.ConfigurableResource):
     probe: str = Field(default="", description="Probe checkpoint to import (env SAESEG_PROBE_CHECKPOINT).")
 
 
-def from_env() -> dict[str, dg.ConfigurableResource]:
-    """The resources, with defaults taken from the environment at load time."""
-    env = os.environ.get
+def from_env(env: Environment = ENV) -> dict[str, dg.ConfigurableResource]:
+    """The resources, with defaults taken from the environment as read when the definitions loaded."""
     return {
-        "storage": Storage(data_dir=env("SAESEG_DATA", "data"), ade20k_root=env("SAESEG_ADE20K_ROOT", "")),
-        "backbone": Backbone(source=env("SAESEG_BACKBONE", "embedded"), device=env("SAESEG_DEVICE", "cpu")),
+        "storage": Storage(data_dir=env.data_dir, ade20k_root=env.ade20k_root),
+        "backbone": Backbone(source=env.backbone, device=env.device),
         "recording": Recording(),
-        "checkpoints": Checkpoints(sae=env("SAESEG_SAE_CHECKPOINT", ""), probe=env("SAESEG_PROBE_CHECKPOINT", "")),
+        "checkpoints": Checkpoints(sae=env.sae_checkpoint, probe=env.probe_checkpoint),
     }

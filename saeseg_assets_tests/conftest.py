@@ -95,9 +95,9 @@ def record_artifact(instance, storage, spec, write, part: str | None = None) -> 
 
 def record_synthetic_cache(instance, storage, asset: str, **cache_options) -> str:
     """A synthetic activation cache (core.synthetic) as the latest `train_activations` or `val_activations`."""
-    from saeseg_assets.core.cache import CACHE_FOLDER
-    from saeseg_assets.core.store import Spec
-    from saeseg_assets.core.synthetic import write_sparse_cache
+    from saeseg_assets.core.data.cache import CACHE_FOLDER
+    from saeseg_assets.core.data.synthetic import write_sparse_cache
+    from saeseg_assets.core.store.artifacts import Spec
 
     spec = Spec(asset, 1, {"synthetic": cache_options})
     return record_artifact(instance, storage, spec, lambda folder: write_sparse_cache(folder / CACHE_FOLDER,

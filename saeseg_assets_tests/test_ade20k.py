@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saeseg_assets.core.ade20k import (
-    CLASSES, N_CLASSES, DatasetError, Sample, check_split, class_by_index, class_by_key, dataset_fingerprint,
-    describe_preprocessing, find_dataset_root, list_split, load_sample, patch_labels,
+from saeseg_assets.core.data.ade20k import (
+    CLASSES,
+    N_CLASSES,
+    DatasetError,
+    Sample,
+    check_split,
+    class_by_index,
+    class_by_key,
+    dataset_fingerprint,
+    describe_preprocessing,
+    find_dataset_root,
+    list_split,
+    load_sample,
+    patch_labels,
 )
 
 

@@ -13,14 +13,27 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from saeseg_assets.automation import (CHECKPOINT_QUIET_S, CHECKPOINT_TAG, DOWNSTREAM_CONDITION, STALE_BLOCK_TAG,
-                                      nightly_stale_refresh, probe_checkpoint_sensor, sae_checkpoint_sensor)
-from saeseg_assets.core.checkpoint_watch import (QUIET_PERIOD_S, Seen, WatchState, content_sha256, drop_folder,
-                                                 find_checkpoint, step)
+from saeseg_assets.automation import (
+    CHECKPOINT_QUIET_S,
+    CHECKPOINT_TAG,
+    DOWNSTREAM_CONDITION,
+    STALE_BLOCK_TAG,
+    nightly_stale_refresh,
+    probe_checkpoint_sensor,
+    sae_checkpoint_sensor,
+)
+from saeseg_assets.core.store.checkpoint_watch import (
+    QUIET_PERIOD_S,
+    Seen,
+    WatchState,
+    content_sha256,
+    drop_folder,
+    find_checkpoint,
+    step,
+)
 from saeseg_assets.partitions import class_partitions
 from saeseg_assets.resources import Backbone, Checkpoints, Storage
-
-from .conftest import record_synthetic_cache
+from saeseg_assets_tests.conftest import record_synthetic_cache
 
 # The automation-condition tester selects with a beta parameter of its own.
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
@@ -110,7 +123,7 @@ def test_step_accepts_only_content_seen_twice_and_quiet_for_the_quiet_period():
     assert step(state, recent, now + 30, quiet_s=60)[1] == recent.sha256
     # Touched between the looks (same bytes, another time): looked at afresh.
     assert step(state, Seen("d" * 64, 12, "x", now - 10), now + 30, quiet_s=60)[1] is None
-    assert QUIET_PERIOD_S == 60 and CHECKPOINT_QUIET_S == float(os.environ.get("SAESEG_CHECKPOINT_QUIET_S", 60))
+    assert QUIET_PERIOD_S == 60 and CHECKPOINT_QUIET_S == float(os.environ.get("SAESEG_CHECKPOINT_QUIET_S") or 60)
 
 
 def test_sensor_new_unchanged_and_changed_checkpoint(tmp_path):
@@ -183,9 +196,9 @@ def test_a_paused_half_written_checkpoint_is_never_imported(tmp_path):
     the finished file either when it is done by the time the run reads it (not the content seen)."""
     import torch
 
-    from saeseg_assets.artifacts import latest_key
     from saeseg_assets.assets.sae import sae_weights
-    from saeseg_assets.core.sae import Sae, SaeSpec
+    from saeseg_assets.core.sae.model import Sae, SaeSpec
+    from saeseg_assets.recipe import latest_key
 
     sae = Sae.initialized(SaeSpec("relu", 32, 64), torch.full((32,), 0.5), seed=0)
     buffer = io.BytesIO()

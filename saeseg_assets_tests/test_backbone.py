@@ -15,8 +15,8 @@ import skimage.data
 import torch
 import transformers
 
-from saeseg_assets.core import backbone as backbone_module
-from saeseg_assets.core.backbone import (
+from saeseg_assets.core.data import backbone as backbone_module
+from saeseg_assets.core.data.backbone import (
     EMBEDDED_NAME,
     PROVENANCE_FILE,
     Backbone,

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from saeseg_assets.core.cache import (
+from saeseg_assets.core.data.cache import (
     ActivationCache,
     CacheError,
     CacheSettings,

@@ -10,9 +10,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from saeseg_assets.artifacts import latest_keys
-
-from .conftest import write_tiny_ade20k, write_tiny_dinov2
+from saeseg_assets.recipe import latest_keys
+from saeseg_assets_tests.conftest import write_tiny_ade20k, write_tiny_dinov2
 
 D_MODEL = 32  # the tiny Dinov2's hidden size
 DAGSTER = Path(sys.executable).with_name("dagster")
@@ -23,8 +22,8 @@ def write_checkpoints(sae_folder: Path, probe_folder: Path, seed: int = 0) -> No
     pass and each seed gives other weights) and a random probe, for the tiny backbone: importing beats training."""
     import torch
 
-    from saeseg_assets.core.probe import Probe, save_probe
-    from saeseg_assets.core.sae import Sae, SaeSpec, save_sae
+    from saeseg_assets.core.probe.model import Probe, save_probe
+    from saeseg_assets.core.sae.model import Sae, SaeSpec, save_sae
 
     generator = torch.Generator().manual_seed(seed)
     rotation_DD = torch.linalg.qr(torch.randn(D_MODEL, D_MODEL, generator=generator))[0]

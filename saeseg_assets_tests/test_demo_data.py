@@ -12,9 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saeseg_assets.core.ade20k import DatasetError, class_by_index, list_split, load_sample
-from saeseg_assets.core.demo_data import (
-    DEMO_CLASSES, MANIFEST, SOURCES, iter_demo_images, source_path, write_demo_dataset,
+from saeseg_assets.core.data.ade20k import (
+    DatasetError,
+    class_by_index,
+    list_split,
+    load_sample,
+)
+from saeseg_assets.core.data.demo_data import (
+    DEMO_CLASSES,
+    MANIFEST,
+    SOURCES,
+    iter_demo_images,
+    source_path,
+    write_demo_dataset,
 )
 
 

@@ -8,11 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.latents import (LatentStats, SelectionConfig, StatsConfig, compute_latent_stats, dense_mask,
-                                        f1_scores, load_latent_stats, merge_top, save_latent_stats,
-                                        select_class_latents, top_patches)
-from saeseg_assets.core.sae import Sae, SaeSpec
+from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.sae.model import Sae, SaeSpec
+from saeseg_assets.core.study.latent_stats import (
+    LatentStats,
+    SelectionConfig,
+    StatsConfig,
+    compute_latent_stats,
+    dense_mask,
+    f1_scores,
+    load_latent_stats,
+    merge_top,
+    save_latent_stats,
+    select_class_latents,
+    top_patches,
+)
 
 
 def write_cache(path, acts_BPD, labels_Bhw, purity_Bhw, chunk=2) -> ActivationCache:

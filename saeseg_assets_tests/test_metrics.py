@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saeseg_assets.core.metrics import (
+from saeseg_assets.core.probe.metrics import (
     TABLE_COLUMNS,
     ConfusionMatrix,
     candidate_classes,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from saeseg_assets.core.ade20k import CLASSES
-from saeseg_assets.partitions import class_index_for_key, class_partitions, key_for_class_index
+from saeseg_assets.core.data.ade20k import CLASSES
+from saeseg_assets.partitions import (
+    class_index_for_key,
+    class_partitions,
+    key_for_class_index,
+)
 
 
 def test_one_unique_key_per_class_in_index_order():
@@ -33,14 +37,29 @@ def test_helpers_refuse_unknown_classes():
 def test_classes_per_run_gives_the_class_assets_their_backfill_policy():
     from dagster import BackfillPolicy
 
+    from saeseg_assets.environment import Environment
     from saeseg_assets.partitions import class_backfill_policy
 
-    assert class_backfill_policy("") == BackfillPolicy.single_run()  # the default: all classes in one run
-    assert class_backfill_policy("30") == BackfillPolicy.multi_run(max_partitions_per_run=30)
-    assert class_backfill_policy("150") == BackfillPolicy.single_run()  # what --partition-range needs
+    def policy(value: str) -> BackfillPolicy:
+        return class_backfill_policy(Environment.read({"SAESEG_CLASSES_PER_RUN": value}).classes_per_run)
+
+    assert policy("") == BackfillPolicy.single_run()  # the default: all classes in one run
+    assert policy("30") == BackfillPolicy.multi_run(max_partitions_per_run=30)
+    assert policy("150") == BackfillPolicy.single_run()  # what --partition-range needs
     for bad in ("0", "-3", "thirty"):
         with pytest.raises(ValueError, match="SAESEG_CLASSES_PER_RUN"):
-            class_backfill_policy(bad)
+            policy(bad)
+
+
+def test_the_environment_is_read_once_and_checked():
+    from saeseg_assets.environment import Environment
+
+    env = Environment.read({"SAESEG_DEVICE": "cuda", "SAESEG_SENSOR_INTERVAL_S": "2", "SAESEG_DATA": "/tmp/x"})
+    assert (env.device, env.sensor_interval_s, env.data_dir, env.backbone) == ("cuda", 2, "/tmp/x", "embedded")
+    with pytest.raises(ValueError, match="SAESEG_DEVICE='gpu'"):
+        Environment.read({"SAESEG_DEVICE": "gpu"})
+    with pytest.raises(ValueError, match="SAESEG_CHECKPOINT_QUIET_S"):
+        Environment.read({"SAESEG_CHECKPOINT_QUIET_S": "soon"})
 
 
 def test_the_torch_heavy_assets_share_the_gpu_pool():

@@ -19,12 +19,11 @@ from unittest import mock
 import dagster as dg
 import pytest
 
-from saeseg_assets.core.store import MANIFEST
+from saeseg_assets.core.store.artifacts import MANIFEST
 from saeseg_assets.partitions import class_partitions
-
-from .postgres import PostgresServer, find_bin
-from .test_cli import materialize, tiny_env, write_checkpoints
-from .test_ui import BIN, descendants, start, stop, wait_for
+from saeseg_assets_tests.postgres import PostgresServer, find_bin
+from saeseg_assets_tests.test_cli import materialize, tiny_env, write_checkpoints
+from saeseg_assets_tests.test_ui import BIN, descendants, start, stop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_YAML = REPO / "deploy" / "postgres" / "dagster.yaml"
@@ -387,7 +386,11 @@ def recorded_state(instance: dg.DagsterInstance) -> tuple[dict, set]:
 
 @pytest.mark.slow
 def test_a_run_fails_when_the_database_stops_and_nothing_recorded_is_lost(world_factory, postgres_server):
-    from saeseg_assets.launcher import captured_stderr_tail, process_alive, worker_process
+    from saeseg_assets.launcher import (
+        captured_stderr_tail,
+        process_alive,
+        worker_process,
+    )
 
     world = world_factory("db_stopped")
     backfill_id = world.backfill(CLASSES[0], CLASSES[59])  # one run (the default policy)

@@ -11,23 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core.ade20k import patch_labels
-from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.probe import (
+from saeseg_assets.core.data.ade20k import patch_labels
+from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.probe.evaluation import (
     BASELINE_COLUMNS,
-    Probe,
     baseline_table,
-    check_d_model,
     evaluate_probe,
-    load_probe,
-    pixel_share_targets,
-    save_probe,
-    split_held_out,
     summary,
+)
+from saeseg_assets.core.probe.model import Probe, check_d_model, load_probe, save_probe
+from saeseg_assets.core.probe.sweep import (
+    pixel_share_targets,
+    split_held_out,
     train_sweep,
 )
 from saeseg_assets.core.settings import SweepConfig
+from saeseg_assets.core.store.checkpoints import CheckpointError
 
 D_MODEL, CROP, PATCH = 16, 8, 4
 TOY_CLASSES = (1, 2, 3, 7)
@@ -267,10 +266,10 @@ def test_evaluation_of_a_hand_made_probe(tmp_path):
 def test_pretrained_backbone_beats_a_random_one_by_a_clear_margin(tmp_path):
     import transformers
 
-    from saeseg_assets.core.ade20k import list_split
-    from saeseg_assets.core.backbone import ensure_embedded_backbone, load_backbone
-    from saeseg_assets.core.demo_data import write_demo_dataset
-    from saeseg_assets.core.recording import cache_settings, record_split
+    from saeseg_assets.core.data.ade20k import list_split
+    from saeseg_assets.core.data.backbone import ensure_embedded_backbone, load_backbone
+    from saeseg_assets.core.data.demo_data import write_demo_dataset
+    from saeseg_assets.core.data.recording import cache_settings, record_split
 
     root = write_demo_dataset(tmp_path / "demo")
     random_dir = tmp_path / "random_vit"

@@ -12,16 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from saeseg_assets.artifacts import latest_key
 from saeseg_assets.assets.probe import baseline_metrics, probe_checkpoint
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache
-from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.probe import BASELINE_COLUMNS, load_probe
-from saeseg_assets.core.store import Spec
+from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
+from saeseg_assets.core.probe.evaluation import BASELINE_COLUMNS
+from saeseg_assets.core.probe.model import load_probe
+from saeseg_assets.core.store.artifacts import Spec
+from saeseg_assets.core.store.checkpoints import CheckpointError
+from saeseg_assets.recipe import latest_key
 from saeseg_assets.resources import Backbone, Checkpoints, Storage
-
-from .conftest import record_artifact
-from .test_probe import D_MODEL, _reference_file, write_toy_cache
+from saeseg_assets_tests.conftest import record_artifact
+from saeseg_assets_tests.test_probe import D_MODEL, _reference_file, write_toy_cache
 
 SMALL = {"lrs": [1e-5, 3e-2], "weight_decays": [1e-5], "epochs": 4, "batch_size": 8, "held_out_fraction": 0.34}
 

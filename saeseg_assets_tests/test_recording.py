@@ -15,12 +15,12 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from saeseg_assets.core.ade20k import list_split, load_sample, patch_labels
-from saeseg_assets.core.backbone import load_backbone
-from saeseg_assets.artifacts import latest_key
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache, CacheError
-from saeseg_assets.core.recording import cache_settings, record_split
-from saeseg_assets.core.store import Store
+from saeseg_assets.core.data.ade20k import list_split, load_sample, patch_labels
+from saeseg_assets.core.data.backbone import load_backbone
+from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache, CacheError
+from saeseg_assets.core.data.recording import cache_settings, record_split
+from saeseg_assets.core.store.artifacts import Store
+from saeseg_assets.recipe import latest_key
 from saeseg_assets_tests.conftest import asset_metadata
 
 
@@ -78,7 +78,7 @@ def test_same_settings_reuse_the_cache_and_others_record_anew(tiny_ade20k, tiny_
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from saeseg_assets.core.cache import CacheWriter
+    from saeseg_assets.core.data.cache import CacheWriter
     sys.path.insert(0, sys.argv[4])
     from test_recording import _record
 
@@ -134,7 +134,7 @@ CONCURRENT_RUN = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import dagster as dg
-    from saeseg_assets.core.cache import CacheWriter
+    from saeseg_assets.core.data.cache import CacheWriter
     from saeseg_assets_tests.conftest import asset_metadata
     from saeseg_assets_tests.test_recording import _materialize_caches
 

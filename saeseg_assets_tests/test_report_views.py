@@ -10,13 +10,22 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
-from saeseg_assets.artifacts import readable
-from saeseg_assets.core.html_report import markdown_html
-from saeseg_assets.core.summary_page import summary_html
-from saeseg_assets.core.suppression_pictures import (example_rows, examples_png, label_panels_png, legend_classes,
-                                                     specificity_heatmap_png)
-from saeseg_assets.core.suppression_report import CLASS_COLUMNS, class_rows, specificity_grid
-from saeseg_assets.core.tables import significant
+from saeseg_assets.core.report.html import markdown_html
+from saeseg_assets.core.report.study_pictures import (
+    example_rows,
+    examples_png,
+    label_panels_png,
+    legend_classes,
+    specificity_heatmap_png,
+)
+from saeseg_assets.core.report.study_report import (
+    CLASS_COLUMNS,
+    class_rows,
+    specificity_grid,
+)
+from saeseg_assets.core.report.summary_page import summary_html
+from saeseg_assets.core.report.tables import significant
+from saeseg_assets.recipe import readable
 
 RULE = "class-specific: at least 50% of the class's patches change prediction, ..."
 

@@ -7,15 +7,16 @@ import dagster as dg
 import pytest
 
 from saeseg_assets import defs
-from saeseg_assets.artifacts import latest_key
+from saeseg_assets.assets.codes import tuning_codes, val_codes
 from saeseg_assets.assets.latents import class_latents, latent_stats
 from saeseg_assets.assets.probe import baseline_metrics, probe_checkpoint
+from saeseg_assets.assets.reports import suppression_report
 from saeseg_assets.assets.sae import sae_weights
-from saeseg_assets.assets.suppression import suppression_report, suppression_summary, tuning_codes, val_codes
+from saeseg_assets.assets.summary import suppression_summary
 from saeseg_assets.prune import kept_keys
+from saeseg_assets.recipe import latest_key
 from saeseg_assets.resources import Backbone, Checkpoints, Storage
-
-from .conftest import asset_metadata, record_synthetic_cache
+from saeseg_assets_tests.conftest import asset_metadata, record_synthetic_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.sae import Sae, SaeSpec, batch_topk, load_sae, save_sae, sparse_decode
-from saeseg_assets.core.sae_eval import EvalTotals
+from saeseg_assets.core.sae.evaluation import EvalTotals
+from saeseg_assets.core.sae.model import (
+    Sae,
+    SaeSpec,
+    batch_topk,
+    load_sae,
+    save_sae,
+    sparse_decode,
+)
+from saeseg_assets.core.store.checkpoints import CheckpointError
 
 
 def _random_sae(architecture="topk", d_model=6, d_sae=20, k=3, seed=0, dtype=torch.float32, **flags) -> Sae:

@@ -11,17 +11,16 @@ import dagster as dg
 import pytest
 import torch
 
-from saeseg_assets.artifacts import latest_key
 from saeseg_assets.assets.latents import latent_stats
 from saeseg_assets.assets.sae import sae_weights
 from saeseg_assets.automation import CHECKPOINT_TAG
 from saeseg_assets.checks import sae_checks
-from saeseg_assets.core.checkpoint_watch import content_sha256, drop_folder
-from saeseg_assets.core.sae import Sae, SaeSpec, load_sae, save_sae
-from saeseg_assets.core.sae_import import read_sae_checkpoint
+from saeseg_assets.core.sae.importing import read_sae_checkpoint
+from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae, save_sae
+from saeseg_assets.core.store.checkpoint_watch import content_sha256, drop_folder
+from saeseg_assets.recipe import latest_key
 from saeseg_assets.resources import Backbone, Checkpoints, Storage
-
-from .conftest import record_synthetic_cache
+from saeseg_assets_tests.conftest import record_synthetic_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

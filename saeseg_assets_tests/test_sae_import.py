@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from saeseg_assets.core.checkpoints import CheckpointError
-from saeseg_assets.core.sae import Sae, SaeSpec
-from saeseg_assets.core.sae_export import export_saelens
-from saeseg_assets.core.sae_import import import_sae, read_sae_checkpoint
-from saeseg_assets.core.synthetic import write_sparse_cache
+from saeseg_assets.core.data.synthetic import write_sparse_cache
+from saeseg_assets.core.sae.importing import import_sae, read_sae_checkpoint
+from saeseg_assets.core.sae.model import Sae, SaeSpec
+from saeseg_assets.core.sae.saelens_export import export_saelens
+from saeseg_assets.core.store.checkpoints import CheckpointError
 
 D, S = 8, 24
 

@@ -12,10 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from saeseg_assets.core.sae import Sae, SaeSpec, load_sae
-from saeseg_assets.core.settings import TrainConfig
-from saeseg_assets.core.sae_eval import evaluate_sae
-from saeseg_assets.core.sae_training import (
+from saeseg_assets.core.data.synthetic import write_sparse_cache
+from saeseg_assets.core.sae.evaluation import evaluate_sae
+from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae
+from saeseg_assets.core.sae.training import (
     STATE_FILE,
     _learning_rate,
     _loss,
@@ -24,7 +24,7 @@ from saeseg_assets.core.sae_training import (
     fit_sae,
     train_sae,
 )
-from saeseg_assets.core.synthetic import write_sparse_cache
+from saeseg_assets.core.settings import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,9 +110,9 @@ KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     import torch
-    from saeseg_assets.core.cache import ActivationCache
+    from saeseg_assets.core.data.cache import ActivationCache
     from saeseg_assets.core.settings import TrainConfig
-    from saeseg_assets.core.sae_training import train_sae
+    from saeseg_assets.core.sae.training import train_sae
 
     cache, config, state, kill_at = sys.argv[1:]
     torch.set_num_threads(1)  # as in the test process: equal threads give equal sums

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 import saeseg_assets.core
-from saeseg_assets.core.store import MANIFEST, ArtifactMissing, Spec, Store, WriterConflict
+from saeseg_assets.core.store.artifacts import (
+    MANIFEST,
+    ArtifactMissing,
+    Spec,
+    Store,
+    WriterConflict,
+)
 
 
 def test_the_key_is_a_function_of_version_settings_and_inputs():
@@ -140,9 +146,10 @@ def test_prune_keeps_what_is_named_and_removes_the_rest(tmp_path):
 
 def test_the_core_imports_without_dagster():
     """Every core module, imported in a fresh interpreter, leaves Dagster unloaded."""
-    modules = sorted(f"saeseg_assets.core.{p.stem}" for p in Path(saeseg_assets.core.__file__).parent.glob("*.py")
-                     if p.stem != "__init__")
-    assert "saeseg_assets.core.store" in modules and len(modules) > 15
+    core = Path(saeseg_assets.core.__file__).parent
+    modules = sorted("saeseg_assets." + ".".join(p.relative_to(core.parent).with_suffix("").parts)
+                     for p in core.rglob("*.py") if p.stem != "__init__")
+    assert "saeseg_assets.core.store.artifacts" in modules and len(modules) > 15
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name)\n"

@@ -10,13 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core import suppression as sp
-from saeseg_assets.core.latents import STAT_FIELDS, LatentStats, margin_effects, select_class_latents
 from saeseg_assets.core.settings import SelectionConfig, SuppressionConfig
-from saeseg_assets.core.study import (bootstrap_weights, iou_change_interval, ratio_interval, study_class, tpp_score,
-                                      tune)
-
-from .test_suppression import tiny_world
+from saeseg_assets.core.study import suppression as sp
+from saeseg_assets.core.study.class_study import (
+    bootstrap_weights,
+    iou_change_interval,
+    ratio_interval,
+    study_class,
+    tpp_score,
+    tune,
+)
+from saeseg_assets.core.study.latent_stats import (
+    STAT_FIELDS,
+    LatentStats,
+    margin_effects,
+    select_class_latents,
+)
+from saeseg_assets_tests.test_suppression import tiny_world
 
 
 def test_bootstrap_weights_draw_images_with_replacement():

@@ -8,16 +8,31 @@ import math
 import numpy as np
 import torch
 
-from saeseg_assets.core.cache import ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.logit_shift import ImageCounts, LogitShift, PatchBaseline, PixelBaseline
-from saeseg_assets.core.metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
-from saeseg_assets.core.probe import Probe
-from saeseg_assets.core.sae import Sae, SaeSpec
-from saeseg_assets.core import suppression as sp
+from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.probe.metrics import (
+    ConfusionMatrix,
+    grid_logits,
+    patch_predictions,
+    pixel_predictions,
+)
+from saeseg_assets.core.probe.model import Probe
+from saeseg_assets.core.report.study_report import (
+    dose_table,
+    json_safe,
+    oracle,
+    specific_counts,
+)
+from saeseg_assets.core.sae.model import Sae, SaeSpec
 from saeseg_assets.core.settings import MODES
-from saeseg_assets.core.study import study_class
-from saeseg_assets.core.suppression_report import dose_table, json_safe, oracle, specific_counts
-from saeseg_assets.core.val_codes import compute_val_codes
+from saeseg_assets.core.study import suppression as sp
+from saeseg_assets.core.study.class_study import study_class
+from saeseg_assets.core.study.codes import compute_val_codes
+from saeseg_assets.core.study.logit_shift import (
+    ImageCounts,
+    LogitShift,
+    PatchBaseline,
+    PixelBaseline,
+)
 
 QUIET = dict(log=lambda _: None)
 

@@ -16,20 +16,30 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.artifacts import latest_key, latest_keys
+from saeseg_assets.assets.codes import tuning_codes, val_codes
 from saeseg_assets.assets.latents import class_latents, latent_stats
-from saeseg_assets.assets.suppression import suppression_report, suppression_summary, tuning_codes, val_codes
+from saeseg_assets.assets.reports import suppression_report
+from saeseg_assets.assets.summary import suppression_summary
 from saeseg_assets.checks import suppression_report_evaluated
-from saeseg_assets.core.ade20k import list_split, load_sample, patch_labels
-from saeseg_assets.core.cache import CACHE_FOLDER, ActivationCache, CacheSettings, CacheWriter
-from saeseg_assets.core.examples import load_examples
-from saeseg_assets.core.probe import Probe, save_probe
-from saeseg_assets.core.sae import Sae, SaeSpec, save_sae
-from saeseg_assets.core.store import Spec
-from saeseg_assets.core.suppression_report import METRIC_NAMES
+from saeseg_assets.core.data.ade20k import list_split, load_sample, patch_labels
+from saeseg_assets.core.data.cache import (
+    CACHE_FOLDER,
+    ActivationCache,
+    CacheSettings,
+    CacheWriter,
+)
+from saeseg_assets.core.probe.model import Probe, save_probe
+from saeseg_assets.core.report.study_report import METRIC_NAMES
+from saeseg_assets.core.sae.model import Sae, SaeSpec, save_sae
+from saeseg_assets.core.store.artifacts import Spec
+from saeseg_assets.core.study.examples import load_examples
+from saeseg_assets.recipe import latest_key, latest_keys
 from saeseg_assets.resources import Backbone, Storage
-
-from .conftest import asset_metadata, record_artifact, write_tiny_ade20k
+from saeseg_assets_tests.conftest import (
+    asset_metadata,
+    record_artifact,
+    write_tiny_ade20k,
+)
 
 D_MODEL, CROP, PATCH = 8, 28, 14
 SLOTS = {1: 0, 2: 1, 3: 2, 10: 3}  # label -> the model direction its patches carry
@@ -273,9 +283,9 @@ def test_cli_partition_range_over_all_classes(tmp_path, monkeypatch):
     defs_file = tmp_path / "defs.py"
     defs_file.write_text(textwrap.dedent(f"""
         import dagster as dg
-        from saeseg_assets.assets import latents, suppression
+        from saeseg_assets.assets import codes, latents, reports, summary
         from saeseg_assets.resources import Backbone, Storage
-        defs = dg.Definitions(assets=dg.load_assets_from_modules([latents, suppression]),
+        defs = dg.Definitions(assets=dg.load_assets_from_modules([latents, codes, reports, summary]),
                               resources={{"storage": Storage(data_dir={str(world.storage.root)!r}),
                                          "backbone": Backbone()}})
     """))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from saeseg_assets.core.suppression_report import dose_markdown
-from saeseg_assets.core.tables import markdown_table
+from saeseg_assets.core.report.study_report import dose_markdown
+from saeseg_assets.core.report.tables import markdown_table
 
 
 def test_numbers_flags_and_gaps_have_one_format():

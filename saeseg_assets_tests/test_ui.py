@@ -14,12 +14,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from saeseg_assets.artifacts import latest_key, latest_keys
 from saeseg_assets.automation import CHECKPOINT_TAG
-from saeseg_assets.core.checkpoint_watch import content_sha256, drop_folder
-from saeseg_assets.core.store import Store
-
-from .test_cli import tiny_env, write_checkpoints
+from saeseg_assets.core.store.artifacts import Store
+from saeseg_assets.core.store.checkpoint_watch import content_sha256, drop_folder
+from saeseg_assets.recipe import latest_key, latest_keys
+from saeseg_assets_tests.test_cli import tiny_env, write_checkpoints
 
 BIN = Path(sys.executable).parent
 CODE = ["-m", "saeseg_assets"]

@@ -5,7 +5,7 @@ One step records both, so the backbone is loaded once (and only when a split is 
 
 import dagster as dg
 
-from ..artifacts import artifact_metadata, readable
+from ..recipe import artifact_metadata, readable
 from ..resources import Backbone, Recording, Storage
 
 SPLITS = {"train_activations": "training", "val_activations": "validation"}
@@ -22,10 +22,15 @@ SPLITS = {"train_activations": "training", "val_activations": "validation"}
     backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def activation_caches(context: dg.AssetExecutionContext, storage: Storage, backbone: Backbone, recording: Recording):
-    from ..core.ade20k import check_split, dataset_fingerprint, describe_preprocessing, list_split
-    from ..core.cache import CACHE_FOLDER, FORMAT_VERSION, ActivationCache
-    from ..core.recording import cache_settings, record_split
-    from ..core.store import Spec, WriterConflict
+    from ..core.data.ade20k import (
+        check_split,
+        dataset_fingerprint,
+        describe_preprocessing,
+        list_split,
+    )
+    from ..core.data.cache import CACHE_FOLDER, FORMAT_VERSION, ActivationCache
+    from ..core.data.recording import cache_settings, record_split
+    from ..core.store.artifacts import Spec, WriterConflict
 
     root = storage.dataset_root()
     selected = [(key, split) for key, split in SPLITS.items() if dg.AssetKey(key) in context.selected_asset_keys]

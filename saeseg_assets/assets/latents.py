@@ -2,19 +2,15 @@
 (each class's latents by a documented rule, with a patch gallery; one class_latents.json per class)."""
 
 import json
-import warnings
 
 import dagster as dg
 
-from ..artifacts import artifact_metadata, input_cache, input_folder
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SelectionConfig, StatsConfig
 from ..partitions import CLASS_BACKFILL_POLICY, class_partitions
+from ..recipe import artifact_metadata, input_cache, input_folder
 from ..resources import Backbone, Storage
-
-# Single-run backfills are what `--partition-range` needs; the beta notice would print at every definitions load.
-warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 VERSION = 2  # of the folders' formats; bump when a change makes old statistics or choices wrong (2: top patches
 # from distinct images)
@@ -25,7 +21,7 @@ LatentStatsConfig = launchpad_config("LatentStatsConfig", StatsConfig)
 ClassLatentsConfig = launchpad_config("ClassLatentsConfig", SelectionConfig)
 
 
-@dg.asset(deps=[dg.AssetKey("sae_weights"), dg.AssetKey("train_activations")], group_name="suppression",
+@dg.asset(deps=[dg.AssetKey("sae_weights"), dg.AssetKey("train_activations")], group_name="latents",
           kinds={"pytorch", "safetensors"}, backfill_policy=dg.BackfillPolicy.single_run(), pool="gpu",
           automation_condition=DOWNSTREAM_CONDITION)
 def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, storage: Storage,
@@ -34,9 +30,14 @@ def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, s
     sum and firing count over patches of that majority label (all, and pure ones); per class: patch counts."""
     import numpy as np
 
-    from ..core.latents import compute_latent_stats, dense_mask, load_latent_stats, save_latent_stats
-    from ..core.sae import load_sae
-    from ..core.store import Spec
+    from ..core.sae.model import load_sae
+    from ..core.store.artifacts import Spec
+    from ..core.study.latent_stats import (
+        compute_latent_stats,
+        dense_mask,
+        load_latent_stats,
+        save_latent_stats,
+    )
 
     sae_key, sae_folder = input_folder(context, storage, "sae_weights")
     train_key, cache = input_cache(context, storage, "train_activations")
@@ -70,21 +71,26 @@ def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, s
 
 
 @dg.asset(partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY,
-          deps=[dg.AssetKey("latent_stats"), dg.AssetKey("probe_checkpoint")], group_name="suppression", kinds={"json"},
+          deps=[dg.AssetKey("latent_stats"), dg.AssetKey("probe_checkpoint")], group_name="latents", kinds={"json"},
           automation_condition=DOWNSTREAM_CONDITION)
 def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig, storage: Storage) -> None:
     """The top-k latents of each class by the configured rule, and every rule's ranking for the latent-count sweep:
     a class_latents.json per class (latent ids, scores, frequencies, max activations); an absent class gets an empty
     list and the reason."""
-    from ..core.ade20k import class_by_key
-    from ..core.latents import (class_latents_record, load_latent_stats, margin_effects, select_class_latents,
-                                top_patches)
-    from ..core.pictures import png_markdown
-    from ..core.probe import load_probe
-    from ..core.sae import load_sae
+    from ..core.data.ade20k import class_by_key
+    from ..core.probe.model import load_probe
+    from ..core.report.pictures import png_markdown
+    from ..core.report.study_pictures import class_gallery_png
+    from ..core.sae.model import load_sae
     from ..core.settings import RULES
-    from ..core.store import Spec, write_atomic
-    from ..core.suppression_pictures import class_gallery_png
+    from ..core.store.artifacts import Spec, write_atomic
+    from ..core.study.latent_stats import (
+        class_latents_record,
+        load_latent_stats,
+        margin_effects,
+        select_class_latents,
+        top_patches,
+    )
 
     stats_key, stats_folder = input_folder(context, storage, "latent_stats")
     probe_key, probe_folder = input_folder(context, storage, "probe_checkpoint")
@@ -132,7 +138,7 @@ class _TrainingImages:
     """RGB crops of training images by cache index, read once each from the dataset the cache was recorded from."""
 
     def __init__(self, context, storage: Storage, train_key: str):
-        from ..core.cache import CACHE_FOLDER, ActivationCache
+        from ..core.data.cache import CACHE_FOLDER, ActivationCache
 
         cache = ActivationCache(storage.store.open("train_activations", train_key) / CACHE_FOLDER)
         self.grid, self.crop = cache.grid, int(cache.attrs["crop_size"])
@@ -142,7 +148,7 @@ class _TrainingImages:
         self._samples, self._crops = None, {}
 
     def load(self, image_index: int):
-        from ..core.ade20k import DatasetError, list_split, load_sample
+        from ..core.data.ade20k import DatasetError, list_split, load_sample
 
         if image_index not in self._crops:
             try:
@@ -159,7 +165,7 @@ class _TrainingImages:
 
 
 def _latent_table(record: dict) -> str:
-    from ..core.tables import markdown_table
+    from ..core.report.tables import markdown_table
 
     if not record["latents"]:
         return f"(no latents: {record['reason']})"

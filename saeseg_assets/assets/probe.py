@@ -6,10 +6,16 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from ..artifacts import artifact_metadata, checkpoint_import, input_cache, input_folder, readable
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SweepConfig
+from ..recipe import (
+    artifact_metadata,
+    checkpoint_import,
+    input_cache,
+    input_folder,
+    readable,
+)
 from ..resources import Backbone, Checkpoints, Storage
 
 VERSION = 1  # of the folders' formats; bump when a change makes old probes or baselines wrong
@@ -31,8 +37,9 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
     Trained by an lr x weight-decay sweep on the training cache (all heads share each batch) and selected by pixel
     mIoU on held-out training images, or imported; reused when the same settings met the same inputs before.
     """
-    from ..core.probe import Probe, check_d_model, load_probe, save_probe, train_sweep
-    from ..core.store import Spec
+    from ..core.probe.model import Probe, check_d_model, load_probe, save_probe
+    from ..core.probe.sweep import train_sweep
+    from ..core.store.artifacts import Spec
 
     train_key, cache = input_cache(context, storage, "train_activations")
     sweep = config.settings(device=config.device or backbone.device)
@@ -70,10 +77,11 @@ def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, backbo
     ignored): baseline_metrics.csv, one row per class present or predicted (columns in the README)."""
     import pandas as pd
 
-    from ..core.pictures import class_iou_bars_png, png_markdown
-    from ..core.probe import baseline_table, check_d_model, evaluate_probe, load_probe, summary
-    from ..core.store import Spec, write_atomic
-    from ..core.tables import markdown_table
+    from ..core.probe.evaluation import baseline_table, evaluate_probe, summary
+    from ..core.probe.model import check_d_model, load_probe
+    from ..core.report.pictures import class_iou_bars_png, png_markdown
+    from ..core.report.tables import markdown_table
+    from ..core.store.artifacts import Spec, write_atomic
 
     probe_key, probe_folder = input_folder(context, storage, "probe_checkpoint")
     val_key, cache = input_cache(context, storage, "val_activations")
@@ -109,8 +117,8 @@ def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, backbo
 
 
 def _probe_metadata(meta: dict) -> dict:
-    from ..core.pictures import png_markdown, sweep_heatmap_png
-    from ..core.tables import markdown_table
+    from ..core.report.pictures import png_markdown, sweep_heatmap_png
+    from ..core.report.tables import markdown_table
 
     metadata: dict = {"source": meta.get("source", "unknown"), "d_model": int(meta.get("d_model", 0))}
     for key in ("lr", "weight_decay", "selection_miou", "seconds"):

@@ -9,9 +9,15 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from ..artifacts import artifact_metadata, check_same_dataset, checkpoint_import, input_cache, readable
 from ..config import launchpad_config
 from ..core.settings import TrainConfig
+from ..recipe import (
+    artifact_metadata,
+    check_same_dataset,
+    checkpoint_import,
+    input_cache,
+    readable,
+)
 from ..resources import Backbone, Checkpoints, Storage
 
 # Of the folder's format; bump when a change makes old SAEs wrong. 2: the SAELens copy beside ours; an import's key
@@ -36,13 +42,13 @@ def sae_weights(context: dg.AssetExecutionContext, config: SaeConfig, storage: S
                 backbone: Backbone) -> dg.MaterializeResult:
     """The sparse autoencoder on the backbone's activations: trained (resumed after a crash) or imported, and
     measured on the validation cache; reused when the same settings met the same inputs before."""
-    from ..core.sae import load_sae
-    from ..core.sae_eval import evaluate_sae
-    from ..core.sae_export import FOLDER as SAELENS_FOLDER
-    from ..core.sae_export import export_saelens
-    from ..core.sae_import import import_sae
-    from ..core.sae_training import fit_sae
-    from ..core.store import Spec, write_atomic
+    from ..core.sae.evaluation import evaluate_sae
+    from ..core.sae.importing import import_sae
+    from ..core.sae.model import load_sae
+    from ..core.sae.saelens_export import FOLDER as SAELENS_FOLDER
+    from ..core.sae.saelens_export import export_saelens
+    from ..core.sae.training import fit_sae
+    from ..core.store.artifacts import Spec, write_atomic
 
     val_key, val = input_cache(context, storage, "val_activations")
     train_key, train = input_cache(context, storage, "train_activations")
@@ -99,7 +105,7 @@ def sae_weights(context: dg.AssetExecutionContext, config: SaeConfig, storage: S
 def _model_metadata(sae, meta: dict) -> dict:
     """What the SAE is (architecture, sparsity, sizes, encoder convention) and where it came from (training figures
     and curve, or what the import read and decided)."""
-    from ..core.pictures import png_markdown, training_curve_png
+    from ..core.report.pictures import png_markdown, training_curve_png
 
     spec = sae.spec
     history = meta.get("history") or []

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import ActivationCache, chunk_spans, token_batches
-from .latents import dense_mask
-from .sae import Sae
+from ..data.cache import ActivationCache, chunk_spans, token_batches
+from ..study.latent_stats import dense_mask
+from .model import Sae
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import ActivationCache
-from .checkpoints import CheckpointError, load_tensors, save_tensors
-from .latents import nonzero_codes
-from .metrics import grid_logits, pixel_predictions
+from ..data.cache import ActivationCache
+from ..probe.metrics import grid_logits, pixel_predictions
+from ..store.checkpoints import CheckpointError, load_tensors, save_tensors
+from .latent_stats import nonzero_codes
 
 STEM = "val_codes"
 FORMAT_VERSION = 1

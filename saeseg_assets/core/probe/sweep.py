@@ -1,103 +1,24 @@
-"""The linear segmentation probe: a learning-rate x weight-decay sweep trained on one stream of the training cache,
-selection on held-out training images, checkpoint I/O (ours and the reference format), evaluation over a cache."""
+"""Training the probe: a learning-rate x weight-decay sweep on one stream of the training cache, every head on the
+same batches, and selection by pixel mIoU on held-out training chunks."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .cache import ActivationCache, Span, chunk_spans, token_batches
-from .checkpoints import CheckpointError, load_tensors, read_reference_checkpoint, save_tensors
-from .settings import SweepConfig
-from .metrics import N_OUTPUTS, ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
-
-STEM = "probe"
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Linear map from one patch activation to 151 logits (index = ADE mask value; 0 is never predicted)."""
-
-    weight_CD: torch.Tensor
-    bias_C: torch.Tensor
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def d_model(self) -> int:
-        return self.weight_CD.shape[1]
-
-    def to(self, device: str | torch.device) -> Probe:
-        return Probe(self.weight_CD.to(device), self.bias_C.to(device), self.meta)
-
-
-def class_table_version() -> str:
-    text = (resources.files(__package__) / "ade20k_classes.tsv").read_bytes()
-    return "ade20k-150-" + hashlib.sha256(text).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_probe(folder: Path, probe: Probe) -> Path:
-    """Writes probe.safetensors + probe.json atomically; returns the safetensors path."""
-    meta = {"format": "saeseg-probe", "class_table_version": class_table_version(), "d_model": probe.d_model,
-            **probe.meta}
-    weights, _ = save_tensors(Path(folder), STEM, {"weight": probe.weight_CD.float(), "bias": probe.bias_C.float()},
-                              meta)
-    return weights
-
-
-def load_probe(path: Path | str) -> Probe:
-    """Reads our format (a folder, probe.safetensors or probe.json) or the reference format (any other file: a JSON
-    line, then a torch-saved state dict of a Linear(d_model, 151), loaded weights-only: pickled code never runs)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: probe checkpoint not found")
-    if path.is_dir() or path.suffix in (".safetensors", ".json"):
-        tensors, meta = load_tensors(path, STEM)
-        return _checked(tensors.get("weight"), tensors.get("bias"), meta, path)
-    config, state = read_reference_checkpoint(path)
-    weight, bias = _only_key(state, "weight", path), _only_key(state, "bias", path)
-    return _checked(weight, bias, {"source": "imported", "reference_config": config}, path)
-
-
-def _only_key(state: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor | None:
-    # A Linear saved alone has keys weight/bias; saved inside a module, one prefix (e.g. "probe.weight").
-    matches = [k for k in state if k == name or k.endswith("." + name)]
-    if len(matches) > 1:
-        raise CheckpointError(f"{path}: several '{name}' tensors ({matches}); expected one Linear(d_model, 151)")
-    return state[matches[0]] if matches else None
-
-
-def _checked(weight: torch.Tensor | None, bias: torch.Tensor | None, meta: dict, path: Path) -> Probe:
-    if weight is None or bias is None:
-        raise CheckpointError(f"{path}: a probe needs tensors 'weight' [151, d_model] and 'bias' [151]")
-    if weight.ndim != 2 or weight.shape[0] != N_OUTPUTS or tuple(bias.shape) != (N_OUTPUTS,):
-        raise CheckpointError(f"{path}: expected weight [151, d_model] and bias [151], got weight "
-                              f"{list(weight.shape)} and bias {list(bias.shape)}")
-    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
-        raise CheckpointError(f"{path}: the probe holds NaN or infinite values")
-    return Probe(weight.float().contiguous(), bias.float().contiguous(), dict(meta))
-
-
-def check_d_model(probe: Probe, cache: ActivationCache, source: Path | str) -> None:
-    if probe.d_model != cache.d_model:
-        raise CheckpointError(f"{source}: the probe reads d_model {probe.d_model}, but the activation cache "
-                              f"{cache.path} has d_model {cache.d_model} (another backbone?)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: a held-out slice of chunks, per-token targets for the shuffled token batches
+from ..data.cache import ActivationCache, Span, chunk_spans, token_batches
+from ..settings import SweepConfig
+from .evaluation import evaluate_heads
+from .metrics import (
+    N_OUTPUTS,
+)
+from .model import Probe
 
 
 def split_held_out(cache: ActivationCache, fraction: float, seed: int) -> tuple[list[Span], list[Span]]:
@@ -230,58 +151,3 @@ def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str]
     return SweepResult(Probe(W_HCD[best].cpu(), b_HC[best].cpu(), meta), table, seconds)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    pixel: ConfusionMatrix  # pixels of the crop vs bilinearly upsampled predictions
-    patch: ConfusionMatrix  # patch majority labels vs per-token predictions
-
-
-@torch.inference_mode()
-def evaluate_heads(cache: ActivationCache, W_HCD: torch.Tensor, b_HC: torch.Tensor, spans: Sequence[Span],
-                   device: torch.device | str = "cpu") -> list[Evaluation]:
-    """Confusion matrices of every head over the images in `spans`; each block is read once for all heads."""
-    W_HCD, b_HC = W_HCD.to(device), b_HC.to(device)
-    finite_H = [bool(torch.isfinite(W_HCD[h]).all() and torch.isfinite(b_HC[h]).all()) for h in range(len(W_HCD))]
-    evaluations = [Evaluation(ConfusionMatrix(device=device), ConfusionMatrix(device=device)) for _ in W_HCD]
-    for a, b in spans:
-        acts_BPD = torch.from_numpy(cache.read("activations", a, b)).to(device, torch.float32)
-        pixel_labels_BHW = torch.from_numpy(cache.read("pixel_labels", a, b)).to(device)
-        patch_labels_BP = torch.from_numpy(cache.read("patch_labels", a, b)).to(device).reshape(b - a, -1)
-        logits_HBPC = torch.einsum("bpd,hcd->hbpc", acts_BPD, W_HCD) + b_HC[:, None, None]
-        for h, evaluation in enumerate(evaluations):
-            if not finite_H[h]:  # a diverged head keeps empty matrices: NaN scores, never selected
-                continue
-            pred_BHW = pixel_predictions(grid_logits(logits_HBPC[h], cache.grid), pixel_labels_BHW.shape[-1])
-            evaluation.pixel.update(pred_BHW, pixel_labels_BHW)
-            evaluation.patch.update(patch_predictions(logits_HBPC[h]), patch_labels_BP)
-    return evaluations
-
-
-def evaluate_probe(cache: ActivationCache, probe: Probe, device: torch.device | str = "cpu") -> Evaluation:
-    """The probe's confusion matrices over the whole cache."""
-    return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device)[0]
-
-
-BASELINE_COLUMNS = ("class_index", "class_key", "class_name", "present", "iou", "accuracy", "precision",
-                    "gt_pixels", "pred_pixels", "patch_accuracy", "gt_patches", "pred_patches")
-
-
-def baseline_table(evaluation: Evaluation) -> pd.DataFrame:
-    """Per class present in the ground truth or predicted: pixel metrics, then patch-level accuracy and counts."""
-    table = evaluation.pixel.table()
-    patch = evaluation.patch
-    rows = table["class_index"].to_numpy()
-    table["patch_accuracy"] = patch.accuracy()[rows]
-    table["gt_patches"] = patch.gt_pixels[rows].astype(int)
-    table["pred_patches"] = patch.pred_pixels[rows].astype(int)
-    return table[list(BASELINE_COLUMNS)]
-
-
-def summary(evaluation: Evaluation) -> dict[str, float | int]:
-    return {"miou": evaluation.pixel.miou(), "pixel_accuracy": evaluation.pixel.pixel_accuracy(),
-            "n_classes_present": evaluation.pixel.n_present, "patch_miou": evaluation.patch.miou(),
-            "patch_accuracy": evaluation.patch.pixel_accuracy()}

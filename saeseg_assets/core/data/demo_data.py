@@ -215,7 +215,7 @@ def _readme(params: dict[str, int], shares: dict[str, dict[int, float]]) -> str:
     lines = [
         "saeseg demo dataset: real-photo collages in the ADE20K SceneParsing layout. This is NOT ADE20K.",
         "",
-        f"Made by saeseg_assets.core.demo_data (generator version {GENERATOR_VERSION}) with {params}.",
+        f"Made by saeseg_assets.core.data.demo_data (generator version {GENERATOR_VERSION}) with {params}.",
         "Each image is 2-5 curved regions; each region is filled with a piece of a real photo that ships inside a",
         "Python package (scikit-image's skimage/data, scikit-learn's datasets/images), cut from a box that shows",
         "only the region's class, and labelled with that class's ADE20K mask value (0 = other: a mixed area).",

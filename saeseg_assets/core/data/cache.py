@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .store import Spec, write_atomic
+from ..store.artifacts import Spec, write_atomic
 
 FORMAT_VERSION = 1
 CACHE_FOLDER = "activations.zarr"  # the cache inside its artifact folder

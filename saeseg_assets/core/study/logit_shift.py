@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .metrics import N_OUTPUTS, patch_predictions
+from ..probe.metrics import N_OUTPUTS, patch_predictions
 from .windows import WindowGeometry, contested_predictions
 
 # Margins below this share of the logit scale are treated as ties and recomputed, so float rounding in the

@@ -3,8 +3,16 @@ every picture of the summary and of each evaluated class, the absent classes wit
 
 from __future__ import annotations
 
-from .html_report import figures_table, heading, html_page, html_table, markdown_html, paragraph, png_img
-from .suppression_report import CLASS_COLUMNS, CLASS_TABLE_NOTE, report_markdown
+from .html import (
+    figures_table,
+    heading,
+    html_page,
+    html_table,
+    markdown_html,
+    paragraph,
+    png_img,
+)
+from .study_report import CLASS_COLUMNS, CLASS_TABLE_NOTE, report_markdown
 
 REPORT_HTML = "report.html"
 # Picture names of the summary and of a class, with their headings in the page.

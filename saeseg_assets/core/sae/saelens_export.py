@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .sae import Sae
-from .sae_import import SAELENS_CONFIG, SAELENS_WEIGHTS
-from .store import write_atomic
+from ..store.artifacts import write_atomic
+from .importing import SAELENS_CONFIG, SAELENS_WEIGHTS
+from .model import Sae
 
 FOLDER = "saelens"  # beside our own pair in an sae_weights folder
 # The config layout written: that of SAELens 6 (its readers treat configs without a version as pre-6 ones).

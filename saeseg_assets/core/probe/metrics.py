@@ -115,7 +115,7 @@ class ConfusionMatrix:
         `class_names` maps a class index to (key, name); without it the ADE20K table is used.
         """
         if class_names is None:
-            from .ade20k import CLASSES
+            from ..data.ade20k import CLASSES
 
             class_names = {c.index: (c.key, c.name) for c in CLASSES}
         iou, acc, prec = self.iou(), self.accuracy(), self.precision()

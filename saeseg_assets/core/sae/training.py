@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import ActivationCache, chunk_spans, prefetch, token_batches
-from .store import Spec, write_atomic
-from .sae import Sae, SaeSpec, load_sae, save_sae, sparse_decode
-from .sae_eval import token_sample
-from .settings import MAX_DEAD_TOKENS, TrainConfig
+from ..data.cache import ActivationCache, chunk_spans, prefetch, token_batches
+from ..settings import MAX_DEAD_TOKENS, TrainConfig
+from ..store.artifacts import Spec, write_atomic
+from .evaluation import token_sample
+from .model import Sae, SaeSpec, load_sae, save_sae, sparse_decode
 
 STATE_FILE = "trainer_state.safetensors"
 # batchtopk: weight of each batch's smallest selected code in the moving average that becomes the inference threshold.

@@ -46,6 +46,12 @@ class AdeClass:
         return f"{self.index:03d}_{slug}"
 
 
+def class_table_version() -> str:
+    """A name for the class table's exact content, written into probe checkpoints."""
+    text = (resources.files(__package__) / _TABLE_FILE).read_bytes()
+    return "ade20k-150-" + hashlib.sha256(text).hexdigest()[:12]
+
+
 def _load_classes() -> tuple[AdeClass, ...]:
     text = (resources.files(__package__) / _TABLE_FILE).read_text(encoding="utf-8")
     classes = []

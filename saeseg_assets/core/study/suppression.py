@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..probe.metrics import N_OUTPUTS, ConfusionMatrix
+from ..settings import SuppressionConfig
+from .codes import ValCodes
 from .logit_shift import LogitShift, PatchBaseline, PixelBaseline
-from .metrics import N_OUTPUTS, ConfusionMatrix
-from .settings import SuppressionConfig
-from .val_codes import ValCodes
+
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
@@ -213,7 +214,7 @@ def pixel_measures(before: ConfusionMatrix, after: ConfusionMatrix, class_index:
 
 def most_moved(before: ConfusionMatrix, after: ConfusionMatrix, class_index: int, n: int = 5) -> list[dict]:
     """The n other present classes whose IoU moved most (by absolute change)."""
-    from .ade20k import class_by_index
+    from ..data.ade20k import class_by_index
 
     iou_b, iou_a = before.iou(), after.iou()
     others = [c for c in np.flatnonzero(before.present) if c != class_index]
@@ -246,7 +247,7 @@ def example_images(model: SuppressionModel, class_index: int, n: int = 3) -> lis
 def example_predictions(model: SuppressionModel, shift: LogitShift, images: list[int], crop: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel predictions (before, after) [n, crop, crop] of a few images, through metrics.pixel_predictions."""
-    from .metrics import grid_logits, pixel_predictions
+    from ..probe.metrics import grid_logits, pixel_predictions
 
     P = model.grid * model.grid
     tokens = (torch.cat([torch.arange(i * P, (i + 1) * P) for i in images]) if images
@@ -259,10 +260,10 @@ def example_predictions(model: SuppressionModel, shift: LogitShift, images: list
 def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixel: bool = True) -> SuppressionModel:
     """Reads the shared inputs once: decoder rows, probe, latent maxima and frequencies, the codes of one set of
     images (all of `cache`, or the spans the codes were computed on) and their labels."""
-    from .latents import load_latent_stats
-    from .probe import load_probe
-    from .sae import load_sae
-    from .val_codes import load_val_codes
+    from ..probe.model import load_probe
+    from ..sae.model import load_sae
+    from .codes import load_val_codes
+    from .latent_stats import load_latent_stats
 
     sae, _ = load_sae(sae_folder)
     probe = load_probe(probe_folder)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import ActivationCache
-from .checkpoints import CheckpointError, read_header_and_state, read_safetensors
-from .sae import STEM, Sae, SaeSpec, load_sae, save_sae
-from .sae_eval import sample_metrics, token_sample
+from ..data.cache import ActivationCache
+from ..store.checkpoints import CheckpointError, read_header_and_state, read_safetensors
+from .evaluation import sample_metrics, token_sample
+from .model import STEM, Sae, SaeSpec, load_sae, save_sae
 
 B_DEC_SETTINGS = ("auto", "true", "false")  # values of the import_subtracts_b_dec setting
 SAMPLE_TOKENS = 16_384  # training tokens on which an undecided b_dec convention is measured

@@ -69,7 +69,7 @@ def latent_gallery_png(rows: list[tuple[str, list[tuple[np.ndarray | None, tuple
 
 def class_names(indices) -> dict[int, str]:
     """ADE names of label values (0: "other", the unlabelled pixels)."""
-    from .ade20k import class_by_index
+    from ..data.ade20k import class_by_index
 
     return {int(i): "other (unlabelled)" if i == 0 else class_by_index(int(i)).name for i in indices}
 

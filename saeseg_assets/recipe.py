@@ -43,7 +43,7 @@ def input_folder(context, storage, asset: str, partition: str | None = None) -> 
 
 def input_cache(context, storage, asset: str):
     """(key, ActivationCache) of the latest `train_activations` or `val_activations`."""
-    from .core.cache import CACHE_FOLDER, ActivationCache
+    from .core.data.cache import CACHE_FOLDER, ActivationCache
 
     key, folder = input_folder(context, storage, asset)
     return key, ActivationCache(folder / CACHE_FOLDER)
@@ -52,7 +52,7 @@ def input_cache(context, storage, asset: str):
 def check_same_dataset(storage, train_key: str, val_key: str) -> None:
     """Refuses to combine a training and a validation cache recorded from different datasets (or from one dataset
     before and after its files changed), naming both."""
-    from .core.cache import CACHE_FOLDER, ActivationCache
+    from .core.data.cache import CACHE_FOLDER, ActivationCache
 
     caches = [ActivationCache(storage.store.open(asset, key) / CACHE_FOLDER)
               for asset, key in (("train_activations", train_key), ("val_activations", val_key))]
@@ -75,9 +75,9 @@ def checkpoint_import(context, asset: str, version: int, kind: str, storage, con
     must be the one the sensor saw (its tag), or the run fails before anything is written. `settings`: import
     settings that change the result, part of the key. Errors about the copy name the original files."""
     from .automation import CHECKPOINT_TAG
-    from .core.checkpoint_watch import find_checkpoint, snapshot
-    from .core.checkpoints import CheckpointError
-    from .core.store import Spec
+    from .core.store.artifacts import Spec
+    from .core.store.checkpoint_watch import find_checkpoint, snapshot
+    from .core.store.checkpoints import CheckpointError
 
     checkpoint = find_checkpoint(kind, storage.root, configured)
     if checkpoint is None:
@@ -110,7 +110,7 @@ def readable(metadata: dict) -> dict:
     """Metadata as the UI shows it: every float (plain and in JSON values) rounded to 4 significant digits
     (`core.tables.significant`); the files keep full precision. Every asset passes its metadata through this; markdown
     tables round the same way (`core.tables.markdown_table`)."""
-    from .core.tables import significant
+    from .core.report.tables import significant
 
     def rounded(value):
         if isinstance(value, dg.FloatMetadataValue):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import ActivationCache
-from .checkpoints import CheckpointError, load_tensors, save_tensors
-from .metrics import N_OUTPUTS
-from .settings import DENSE_FREQUENCY, SelectionConfig, StatsConfig
+from ..data.cache import ActivationCache
+from ..probe.metrics import N_OUTPUTS
+from ..settings import DENSE_FREQUENCY, SelectionConfig, StatsConfig
+from ..store.checkpoints import CheckpointError, load_tensors, save_tensors
 
 STEM = "latent_stats"
 FORMAT_VERSION = 2  # 2: the top patches come from distinct images

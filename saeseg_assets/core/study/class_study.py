@@ -10,11 +10,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..probe.metrics import N_OUTPUTS, ConfusionMatrix
+from ..settings import SuppressionConfig
 from .logit_shift import ImageCounts
-from .metrics import N_OUTPUTS, ConfusionMatrix
-from .settings import SuppressionConfig
-from .suppression import (SuppressionModel, control_draws, direction_shift, edit_shift, is_class_specific,
-                          latent_edit, most_moved, pixel_measures, single_thread)
+from .suppression import (
+    SuppressionModel,
+    control_draws,
+    direction_shift,
+    edit_shift,
+    is_class_specific,
+    latent_edit,
+    most_moved,
+    pixel_measures,
+    single_thread,
+)
 
 CONTROLS = ("random_latents", "random_direction")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, load_tensors, save_tensors
+from ..store.checkpoints import CheckpointError, load_tensors, save_tensors
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 THRESHOLDED = ("batchtopk", "jumprelu")  # encoders that fire where the pre-activation exceeds a per-latent threshold

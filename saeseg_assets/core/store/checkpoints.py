@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .store import write_atomic
+from .artifacts import write_atomic
 
 
 class CheckpointError(ValueError):

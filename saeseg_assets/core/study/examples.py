@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .suppression import SuppressionModel, edit_shift, example_images, example_predictions, latent_edit
+from .suppression import (
+    SuppressionModel,
+    edit_shift,
+    example_images,
+    example_predictions,
+    latent_edit,
+)
 
 EXAMPLES_FILE = "examples.npz"
 # Label maps [n, crop, crop] uint8 (ADE mask values); `tuned` only where the class has a tuned setting.
@@ -36,7 +42,7 @@ def class_examples(model: SuppressionModel, class_index: int, settings: dict[str
 def validation_crops(dataset_root: str, crop: int):
     """`load(image id)` -> the RGB crop of a validation image as recorded, or None where the dataset cannot be read
     (a picture is a view: a moved dataset leaves its panels blank rather than failing the report)."""
-    from .ade20k import DatasetError, list_split, load_sample
+    from ..data.ade20k import DatasetError, list_split, load_sample
 
     samples: dict | None = None
 
@@ -57,7 +63,7 @@ def save_examples(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
     """Writes examples.npz atomically."""
     import io
 
-    from .store import write_atomic
+    from ..store.artifacts import write_atomic
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)

@@ -1,0 +1,1 @@
+"""The linear segmentation probe: model and checkpoints, sweep, evaluation, segmentation metrics."""

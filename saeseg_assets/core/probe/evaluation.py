@@ -1,0 +1,66 @@
+"""The probe over a cache: patch and pixel predictions accumulated into a confusion matrix, and the baseline table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from ..data.cache import ActivationCache, Span, chunk_spans
+from .metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
+from .model import Probe
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    pixel: ConfusionMatrix  # pixels of the crop vs bilinearly upsampled predictions
+    patch: ConfusionMatrix  # patch majority labels vs per-token predictions
+
+
+@torch.inference_mode()
+def evaluate_heads(cache: ActivationCache, W_HCD: torch.Tensor, b_HC: torch.Tensor, spans: Sequence[Span],
+                   device: torch.device | str = "cpu") -> list[Evaluation]:
+    """Confusion matrices of every head over the images in `spans`; each block is read once for all heads."""
+    W_HCD, b_HC = W_HCD.to(device), b_HC.to(device)
+    finite_H = [bool(torch.isfinite(W_HCD[h]).all() and torch.isfinite(b_HC[h]).all()) for h in range(len(W_HCD))]
+    evaluations = [Evaluation(ConfusionMatrix(device=device), ConfusionMatrix(device=device)) for _ in W_HCD]
+    for a, b in spans:
+        acts_BPD = torch.from_numpy(cache.read("activations", a, b)).to(device, torch.float32)
+        pixel_labels_BHW = torch.from_numpy(cache.read("pixel_labels", a, b)).to(device)
+        patch_labels_BP = torch.from_numpy(cache.read("patch_labels", a, b)).to(device).reshape(b - a, -1)
+        logits_HBPC = torch.einsum("bpd,hcd->hbpc", acts_BPD, W_HCD) + b_HC[:, None, None]
+        for h, evaluation in enumerate(evaluations):
+            if not finite_H[h]:  # a diverged head keeps empty matrices: NaN scores, never selected
+                continue
+            pred_BHW = pixel_predictions(grid_logits(logits_HBPC[h], cache.grid), pixel_labels_BHW.shape[-1])
+            evaluation.pixel.update(pred_BHW, pixel_labels_BHW)
+            evaluation.patch.update(patch_predictions(logits_HBPC[h]), patch_labels_BP)
+    return evaluations
+
+
+def evaluate_probe(cache: ActivationCache, probe: Probe, device: torch.device | str = "cpu") -> Evaluation:
+    """The probe's confusion matrices over the whole cache."""
+    return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device)[0]
+
+
+BASELINE_COLUMNS = ("class_index", "class_key", "class_name", "present", "iou", "accuracy", "precision",
+                    "gt_pixels", "pred_pixels", "patch_accuracy", "gt_patches", "pred_patches")
+
+
+def baseline_table(evaluation: Evaluation) -> pd.DataFrame:
+    """Per class present in the ground truth or predicted: pixel metrics, then patch-level accuracy and counts."""
+    table = evaluation.pixel.table()
+    patch = evaluation.patch
+    rows = table["class_index"].to_numpy()
+    table["patch_accuracy"] = patch.accuracy()[rows]
+    table["gt_patches"] = patch.gt_pixels[rows].astype(int)
+    table["pred_patches"] = patch.pred_pixels[rows].astype(int)
+    return table[list(BASELINE_COLUMNS)]
+
+
+def summary(evaluation: Evaluation) -> dict[str, float | int]:
+    return {"miou": evaluation.pixel.miou(), "pixel_accuracy": evaluation.pixel.pixel_accuracy(),
+            "n_classes_present": evaluation.pixel.n_present, "patch_miou": evaluation.patch.miou(),
+            "patch_accuracy": evaluation.patch.pixel_accuracy()}

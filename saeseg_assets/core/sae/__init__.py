@@ -1,0 +1,1 @@
+"""The sparse autoencoder: model and kernels, training, evaluation, import and export."""

@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = (ActivationCache(Path(args.cache)) if args.cache
                  else synthetic_cache(Path(tmp) / "synthetic.zarr", args.images))
-        shared = SweepConfig(epochs=args.epochs, device=args.device)
+        shared = SweepConfig(epochs=args.epochs)
         singles = [shared.model_copy(update={"lrs": (lr,), "weight_decays": (wd,)}) for lr, wd in shared.grid]
         train_spans, held_spans = split_held_out(cache, shared.held_out_fraction, shared.seed)
         print(f"cache {cache.path.name}: {cache.n_images} images x {cache.n_patches} patches x {cache.d_model} dims; "
@@ -107,8 +107,8 @@ def main() -> None:
         heads: list = []
         for _ in range(args.rounds):
             for name, work in (
-                ("train shared", lambda: heads.append(train_heads(cache, train_spans, shared, quiet))),
-                ("train one by one", lambda: [train_heads(cache, train_spans, c, quiet) for c in singles]),
+                ("train shared", lambda: heads.append(train_heads(cache, train_spans, shared, args.device, quiet))),
+                ("train one by one", lambda: [train_heads(cache, train_spans, c, args.device, quiet) for c in singles]),
             ):
                 reads[0] = 0
                 times[name].append(timed(work))

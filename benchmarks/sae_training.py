@@ -71,8 +71,8 @@ def dense_flops_per_token(d: int, s: int) -> int:
 def training_rate(cache, config: TrainConfig, device: str) -> float:
     """Tokens/s of the training loop (from its own clock, which starts after initialization)."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = train_sae(cache, config, Path(tmp) / "state.safetensors", log=lambda m: None,
-                        log_every_steps=10 ** 9, save_every_s=1e9)
+        quiet = config.model_copy(update={"log_every_steps": 10 ** 9, "save_every_s": 1e9})
+        run = train_sae(cache, quiet, Path(tmp) / "state.safetensors", device=device, log=lambda m: None)
     return run.tokens_trained / run.history[-1]["seconds"]
 
 

@@ -1,15 +1,50 @@
-"""Between Dagster and the artifact store: an asset's input keys are the `key` metadata of its inputs' latest
-materializations; its own key is its data version (unpartitioned assets) and its `key` metadata (every asset)."""
+"""The one asset recipe: an asset's key from the format versions of the core modules that write its files, its
+effective settings and the keys of the inputs it reads; reuse or write; the materialization, metadata readable."""
 
 from __future__ import annotations
 
+import importlib
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
 KEY = "key"  # the metadata entry that holds an artifact's store key
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What an asset reads (its Dagster deps, the same list) and which core modules write its files: each of those
+    holds one `FORMAT_VERSION`, part of the asset's key, so a format change never reuses old outputs."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]  # module paths under saeseg_assets.core, e.g. "study.codes"
+
+    def format_versions(self) -> dict[str, int]:
+        # Resolved when a key is computed, inside a run: the modules import torch, the definitions must not.
+        return {name: int(importlib.import_module(f"saeseg_assets.core.{name}").FORMAT_VERSION)
+                for name in self.writes}
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(assets: str | tuple[str, ...], reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()
+          ) -> list[dg.AssetKey]:
+    """Declares the stage of one asset (or of each asset of a multi-asset) and returns its deps: what it reads."""
+    for asset in (assets,) if isinstance(assets, str) else assets:
+        STAGES[asset] = Stage(tuple(reads), tuple(writes))
+    return [dg.AssetKey(a) for a in reads]
+
+
+def spec_of(asset: str, settings: dict, inputs: dict[str, str]):
+    """The store spec of one output: the format versions of `asset`'s writers, its settings and input keys."""
+    from .core.store.artifacts import Spec
+
+    return Spec(asset, STAGES[asset].format_versions(), settings, inputs)
 
 
 def latest_key(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> str:
@@ -35,39 +70,96 @@ def latest_keys(instance: dg.DagsterInstance, asset: str) -> dict[str, str]:
     return {p: latest_key(instance, asset, p) for p in partitions}
 
 
-def input_folder(context, storage, asset: str, partition: str | None = None) -> tuple[str, Path]:
-    """(key, folder) of the latest materialization of an input asset, refused if the folder is not complete."""
-    key = latest_key(context.instance, asset, partition)
-    return key, storage.store.open(asset, key, partition)
+class Recipe:
+    """One run of one asset: reads its declared inputs' latest keys, computes its key, reuses or writes the output,
+    and returns the materialization with readable metadata and the key as data version.
+
+    Reading an input that the asset does not declare, or declaring one it never reads, fails the run: what the graph
+    shows is what the key is made of."""
+
+    def __init__(self, context, storage, asset: str | None = None):
+        self.context, self.storage, self.store = context, storage, storage.store
+        self.asset = asset or context.asset_key.to_user_string()
+        self.stage = STAGES[self.asset]
+        self.inputs: dict[str, str] = {}
+
+    def key_of(self, asset: str, partition: str | None = None) -> str:
+        """The key of the latest materialization of an input this asset reads (of one class: `partition`)."""
+        if asset not in self.stage.reads:
+            raise RuntimeError(f"{self.asset} reads {asset}, which it does not declare as an input")
+        key = latest_key(self.context.instance, asset, partition)
+        if partition is None:
+            self.inputs[asset] = key
+        return key
+
+    def folder(self, asset: str, partition: str | None = None) -> tuple[str, Path]:
+        """(key, folder) of an input, refused if the folder is not complete."""
+        key = self.key_of(asset, partition)
+        return key, self.store.open(asset, key, partition)
+
+    def cache(self, asset: str):
+        """(key, ActivationCache) of the latest `train_activations` or `val_activations`."""
+        from .core.data.cache import CACHE_FOLDER, ActivationCache
+
+        key, folder = self.folder(asset)
+        return key, ActivationCache(folder / CACHE_FOLDER)
+
+    def output(self, settings: dict, inputs: dict[str, str] | None = None, part: str | None = None,
+               asset: str | None = None) -> Output:
+        """This asset's output (or one class's: `part`) made from `settings` and every input read so far (plus
+        `inputs`: the keys of per-class inputs)."""
+        asset = asset or self.asset
+        unread = set(STAGES[asset].reads) - set(self.inputs) - set(inputs or {})
+        if unread:
+            raise RuntimeError(f"{asset} declares {sorted(unread)} as inputs but its key does not hold them")
+        return Output(self, spec_of(asset, settings, {**self.inputs, **(inputs or {})}), part)
 
 
-def input_cache(context, storage, asset: str):
-    """(key, ActivationCache) of the latest `train_activations` or `val_activations`."""
-    from .core.data.cache import CACHE_FOLDER, ActivationCache
+class Output:
+    """One output folder in the store: whether it is there, its writer, and its materialization."""
 
-    key, folder = input_folder(context, storage, asset)
-    return key, ActivationCache(folder / CACHE_FOLDER)
+    def __init__(self, recipe: Recipe, spec, part: str | None):
+        self.recipe, self.spec, self.part = recipe, spec, part
+        self.store = recipe.store
+        self.reused = self.store.exists(spec.asset, spec.key, part)
+        if self.reused:
+            what = f"{spec.asset} {part}" if part else spec.asset
+            recipe.context.log.info(f"{what}: reusing {self.store.path(spec.asset, spec.key, part)} (same settings "
+                                    "and inputs)")
 
+    @property
+    def key(self) -> str:
+        return self.spec.key
 
-def check_same_dataset(storage, train_key: str, val_key: str) -> None:
-    """Refuses to combine a training and a validation cache recorded from different datasets (or from one dataset
-    before and after its files changed), naming both."""
-    from .core.data.cache import CACHE_FOLDER, ActivationCache
+    @contextmanager
+    def write(self, resumable: bool = False) -> Iterator[Path]:
+        """The folder to fill; published whole when the block ends without an error."""
+        with self.store.write(self.spec, part=self.part, resumable=resumable,
+                              log=self.recipe.context.log.info) as work:
+            yield work
 
-    caches = [ActivationCache(storage.store.open(asset, key) / CACHE_FOLDER)
-              for asset, key in (("train_activations", train_key), ("val_activations", val_key))]
-    # Caches made without a dataset fingerprint (synthetic ones) are told apart by their dataset root.
-    datasets = [c.attrs.get("dataset_fingerprint") or c.attrs.get("dataset_root") for c in caches]
-    if datasets[0] != datasets[1]:
-        train, val = (f"{c.path} (dataset {d} under {c.attrs.get('dataset_root')})" for c, d in zip(caches, datasets))
-        raise dg.Failure(f"{train} and {val} were recorded from different datasets: materialize train_activations and "
-                         "val_activations together, so that both come from the dataset as it is now")
+    @property
+    def folder(self) -> Path:
+        return self.store.open(self.spec.asset, self.spec.key, self.part)
+
+    def metadata(self, extra: dict) -> dict:
+        """The key, folder and reuse first, then `extra`, rounded as the UI shows numbers."""
+        return readable({KEY: self.key, "path": dg.MetadataValue.path(str(self.folder)), "reused": self.reused,
+                         **extra})
+
+    def result(self, extra: dict) -> dg.MaterializeResult:
+        """The materialization of an unpartitioned asset: its metadata and the key as data version."""
+        return dg.MaterializeResult(asset_key=self.spec.asset, metadata=self.metadata(extra),
+                                    data_version=dg.DataVersion(self.key))
+
+    def record(self, extra: dict) -> None:
+        """One class's metadata, in a run that materializes many classes of a partitioned asset."""
+        self.recipe.context.add_asset_metadata(self.metadata(extra), partition_key=self.part)
 
 
 @contextmanager
-def checkpoint_import(context, asset: str, version: int, kind: str, storage, configured: str,
-                      inputs: dict[str, str], settings: dict | None = None):
-    """Yields (checkpoint, spec) of the SAE or probe checkpoint to import instead of training (the configured path,
+def checkpoint_import(recipe: Recipe, kind: str, configured: str, settings: dict | None = None):
+    """Yields (checkpoint, output) of the SAE or probe checkpoint to import instead of training (the configured path,
     else the drop folder); (None, None) when there is none: train.
 
     The checkpoint yielded is a copy of the files in a temporary folder, and the key is the sha256 of the copied
@@ -75,18 +167,17 @@ def checkpoint_import(context, asset: str, version: int, kind: str, storage, con
     must be the one the sensor saw (its tag), or the run fails before anything is written. `settings`: import
     settings that change the result, part of the key. Errors about the copy name the original files."""
     from .automation import CHECKPOINT_TAG
-    from .core.store.artifacts import Spec
     from .core.store.checkpoint_watch import find_checkpoint, snapshot
     from .core.store.checkpoints import CheckpointError
 
+    storage, context = recipe.storage, recipe.context
     checkpoint = find_checkpoint(kind, storage.root, configured)
     if checkpoint is None:
         yield None, None
         return
     if not checkpoint.complete:
         # An incomplete checkpoint gets a key of its own; its import then fails naming the missing file.
-        yield checkpoint, Spec(asset, version, {"import_sha256": f"incomplete:{checkpoint.source}", **(settings or {})},
-                               inputs)
+        yield checkpoint, recipe.output({"import_sha256": f"incomplete:{checkpoint.source}", **(settings or {})})
         return
     storage.root.mkdir(parents=True, exist_ok=True)
     original = checkpoint.source if checkpoint.source not in checkpoint.files else checkpoint.source.parent
@@ -101,7 +192,7 @@ def checkpoint_import(context, asset: str, version: int, kind: str, storage, con
                              f"{sha256} as read now): not imported; the sensor imports the new content once it has "
                              "settled")
         try:
-            yield copy, Spec(asset, version, {"import_sha256": sha256, **(settings or {})}, inputs)
+            yield copy, recipe.output({"import_sha256": sha256, **(settings or {})})
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(str(tmp), str(original))) from exc
 
@@ -122,6 +213,26 @@ def readable(metadata: dict) -> dict:
     return {name: rounded(value) for name, value in metadata.items()}
 
 
+# Transitional, until every asset module uses Recipe.
+def input_folder(context, storage, asset: str, partition: str | None = None) -> tuple[str, Path]:
+    key = latest_key(context.instance, asset, partition)
+    return key, storage.store.open(asset, key, partition)
+
+
+def input_cache(context, storage, asset: str):
+    from .core.data.cache import CACHE_FOLDER, ActivationCache
+
+    key, folder = input_folder(context, storage, asset)
+    return key, ActivationCache(folder / CACHE_FOLDER)
+
+
 def artifact_metadata(key: str, folder: Path, reused: bool) -> dict:
-    """The metadata every materialization carries: its key, its folder, and whether it was already there."""
     return {KEY: key, "path": dg.MetadataValue.path(str(folder)), "reused": reused}
+
+
+def check_same_dataset(storage, train_key: str, val_key: str) -> None:
+    from .core.data.cache import CACHE_FOLDER, ActivationCache
+    from .core.data.cache import check_same_dataset as check
+
+    check(*(ActivationCache(storage.store.open(asset, key) / CACHE_FOLDER)
+            for asset, key in (("train_activations", train_key), ("val_activations", val_key))))

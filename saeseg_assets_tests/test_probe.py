@@ -113,7 +113,6 @@ def test_sweep_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="held_out_fraction"):
         SweepConfig(held_out_fraction=1.0)
     identity = SweepConfig().identity()
-    assert SweepConfig(device="cuda").identity() == identity  # the device changes speed, not the result
     assert SweepConfig(epochs=11).identity() != identity
     assert SweepConfig(lrs=[1e-3]).lrs == (1e-3,)  # the launchpad's lists become the model's tuples
 

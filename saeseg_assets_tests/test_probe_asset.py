@@ -19,7 +19,7 @@ from saeseg_assets.core.probe.model import load_probe
 from saeseg_assets.core.store.artifacts import Spec
 from saeseg_assets.core.store.checkpoints import CheckpointError
 from saeseg_assets.recipe import latest_key
-from saeseg_assets.resources import Backbone, Checkpoints, Storage
+from saeseg_assets.resources import Checkpoints, Compute, Storage
 from saeseg_assets_tests.conftest import record_artifact
 from saeseg_assets_tests.test_probe import D_MODEL, _reference_file, write_toy_cache
 
@@ -51,7 +51,7 @@ def world(tmp_path):
 def _materialize(world: World, assets=(probe_checkpoint, baseline_metrics), probe_config=SMALL,
                  checkpoints: Checkpoints | None = None) -> dg.ExecuteInProcessResult:
     return dg.materialize(list(assets), instance=world.instance,
-                          resources={"storage": world.storage, "backbone": Backbone(),
+                          resources={"storage": world.storage, "compute": Compute(),
                                      "checkpoints": checkpoints or Checkpoints()},
                           run_config={"ops": {"probe_checkpoint": {"config": probe_config}}}
                           if probe_checkpoint in assets else None)

@@ -49,10 +49,10 @@ def test_recording_holds_the_backbone_activations_and_labels(tiny_ade20k, tiny_b
 def _materialize_caches(instance, tiny_ade20k: Path, backbone_dir: Path, data: Path, crop: int = 28, chunk: int = 2,
                         selection: list[str] | None = None):
     from saeseg_assets.assets.activations import activation_caches
-    from saeseg_assets.resources import Backbone, Recording, Storage
+    from saeseg_assets.resources import Backbone, Compute, Recording, Storage
 
     storage = Storage(data_dir=str(data), ade20k_root=str(tiny_ade20k))
-    resources = {"storage": storage, "backbone": Backbone(source=str(backbone_dir)),
+    resources = {"storage": storage, "backbone": Backbone(source=str(backbone_dir)), "compute": Compute(),
                  "recording": Recording(crop_size=crop, chunk_images=chunk)}
     return dg.materialize([activation_caches], instance=instance, resources=resources, raise_on_error=False,
                           selection=selection)
@@ -226,7 +226,7 @@ def test_caches_of_different_datasets_are_not_combined(tiny_ade20k, tiny_backbon
     from PIL import Image
 
     from saeseg_assets.assets.sae import sae_weights
-    from saeseg_assets.resources import Backbone, Checkpoints, Storage
+    from saeseg_assets.resources import Backbone, Checkpoints, Compute, Storage
 
     data = tmp_path / "data"
     with dg.instance_for_test() as instance:
@@ -237,7 +237,7 @@ def test_caches_of_different_datasets_are_not_combined(tiny_ade20k, tiny_backbon
                                                  selection=["val_activations"]), "val_activations")
         result = dg.materialize([sae_weights], instance=instance, raise_on_error=False,
                                 resources={"storage": Storage(data_dir=str(data)), "checkpoints": Checkpoints(),
-                                           "backbone": Backbone()})
+                                           "backbone": Backbone(), "compute": Compute()})
     assert not result.success
     message = _failure(result)
     assert "were recorded from different datasets" in message
@@ -254,7 +254,7 @@ def _failure(result) -> str:
 def test_assets_record_the_real_ade20k_sample(ade20k_sample, tmp_path):
     """Both caches from the three real ADE20K validation pairs (a training split copied from them), embedded ViT."""
     from saeseg_assets.assets.activations import activation_caches
-    from saeseg_assets.resources import Backbone, Recording, Storage
+    from saeseg_assets.resources import Backbone, Compute, Recording, Storage
 
     root = tmp_path / "ADEChallengeData2016"
     shutil.copytree(ade20k_sample / "ADEChallengeData2016", root)
@@ -266,7 +266,8 @@ def test_assets_record_the_real_ade20k_sample(ade20k_sample, tmp_path):
     storage = Storage(data_dir=str(tmp_path / "out"), ade20k_root=str(tmp_path))
     with dg.instance_for_test() as instance:
         result = dg.materialize([activation_caches], instance=instance,
-                                resources={"storage": storage, "backbone": Backbone(), "recording": Recording()})
+                                resources={"storage": storage, "backbone": Backbone(), "compute": Compute(),
+                                           "recording": Recording()})
     assert result.success
     meta = asset_metadata(result, "val_activations")
     assert (meta["n_images"], meta["n_tokens"], meta["d_model"]) == (3, 768, 384)

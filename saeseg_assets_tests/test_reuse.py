@@ -15,7 +15,7 @@ from saeseg_assets.assets.sae import sae_weights
 from saeseg_assets.assets.summary import suppression_summary
 from saeseg_assets.prune import kept_keys
 from saeseg_assets.recipe import latest_key
-from saeseg_assets.resources import Backbone, Checkpoints, Storage
+from saeseg_assets.resources import Checkpoints, Compute, Storage
 from saeseg_assets_tests.conftest import asset_metadata, record_synthetic_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,7 +30,7 @@ SAE_AND_BELOW = ("sae_weights", "latent_stats", "val_codes", "tuning_codes", "cl
 
 def materialize_all(instance, storage: Storage, k: int) -> dict[str, dict]:
     """Every asset below the caches, class 001_wall, in dependency order; each asset's metadata by name."""
-    resources = {"storage": storage, "backbone": Backbone(), "checkpoints": Checkpoints()}
+    resources = {"storage": storage, "compute": Compute(), "checkpoints": Checkpoints()}
     run_config = {"ops": {"sae_weights": {"config": {**SAE, "k": k}}, "probe_checkpoint": {"config": PROBE}}}
     shared = dg.materialize([sae_weights, probe_checkpoint, baseline_metrics, latent_stats, val_codes, tuning_codes],
                             instance=instance, resources=resources, run_config=run_config)

@@ -19,7 +19,7 @@ from saeseg_assets.core.sae.importing import read_sae_checkpoint
 from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae, save_sae
 from saeseg_assets.core.store.checkpoint_watch import content_sha256, drop_folder
 from saeseg_assets.recipe import latest_key
-from saeseg_assets.resources import Backbone, Checkpoints, Storage
+from saeseg_assets.resources import Checkpoints, Compute, Storage
 from saeseg_assets_tests.conftest import record_synthetic_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +51,7 @@ def _materialize(world: World, config: dict | None = None, checkpoint: str = "",
     result = dg.materialize([sae_weights, *sae_checks], run_config=run_config, raise_on_error=False,
                             instance=world.instance, tags=tags,
                             resources={"storage": world.storage, "checkpoints": Checkpoints(sae=checkpoint),
-                                       "backbone": Backbone()})
+                                       "compute": Compute()})
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     if not result.success:
         return result, None, checks
@@ -160,7 +160,7 @@ def _downstream_requested(world: World, cursor):
     """One tick of the automation conditions of `latent_stats` (the first asset below sae_weights): whether it asks
     for a run, and the cursor for the next tick."""
     defs = dg.Definitions(assets=[sae_weights, latent_stats], resources={
-        "storage": world.storage, "checkpoints": Checkpoints(), "backbone": Backbone()})
+        "storage": world.storage, "checkpoints": Checkpoints(), "compute": Compute()})
     result = dg.evaluate_automation_conditions(defs=defs, instance=world.instance, cursor=cursor)
     return bool(result.get_requested_partitions(latent_stats.key)), result.cursor
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 32 images x 64 patches = 2,048 tokens of width 32, each the mean plus 4 of 128 directions.
 TINY = TrainConfig(expansion=4, k=8, batch_size=128, train_tokens=128 * 150, lr=1e-2, warmup_steps=10,
-                   decay_fraction=0.2, buffer_images=16, device="cpu")
+                   decay_fraction=0.2, buffer_images=16)
 
 
 def replace(config: TrainConfig, **changes) -> TrainConfig:
@@ -121,8 +121,8 @@ KILLED_RUN = textwrap.dedent("""
         if step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_sae(ActivationCache(cache), TrainConfig(**json.loads(config)), Path(state), log=print,
-              save_every_steps=20, save_every_s=1e9, after_step=die)
+    train_sae(ActivationCache(cache), TrainConfig(**{**json.loads(config), "save_every_s": 1e9}), Path(state),
+              log=print, save_every_steps=20, after_step=die)
 """)
 
 
@@ -136,7 +136,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(caches, tmp_path,
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert state.exists()  # the last save was at step 40; steps 41..47 are lost and redone
 
-    resumed = train_sae(train, config, state, log=_quiet, save_every_steps=20, save_every_s=1e9)
+    resumed = train_sae(train, replace(config, save_every_s=1e9), state, log=_quiet, save_every_steps=20)
     assert resumed.resumed_at_step == 40
     uninterrupted = train_sae(train, config, tmp_path / "other_state.safetensors", log=_quiet)
     # Same batches in the same order from the same saved model and optimizer state: equal, bit for bit.
@@ -150,7 +150,7 @@ def test_a_state_that_cannot_be_resumed_is_named_and_training_starts_over(caches
     train, _ = caches
     state = tmp_path / STATE_FILE
     config = replace(TINY, train_tokens=128 * 30)
-    train_sae(train, config, state, log=_quiet, save_every_steps=10, save_every_s=1e9)
+    train_sae(train, replace(config, save_every_s=1e9), state, log=_quiet, save_every_steps=10)
     assert state.exists()  # saved at steps 10 and 20 (never after the last step)
     messages = []
     run = train_sae(train, replace(config, seed=1), state, log=messages.append)
@@ -211,7 +211,7 @@ def test_batch_larger_than_the_cache_is_refused(caches, tmp_path):
 
 
 def test_settings_the_architecture_ignores_do_not_change_its_identity():
-    assert TINY.identity() == replace(TINY, l1_coeff=0.5).identity() == replace(TINY, device="cuda").identity()
+    assert TINY.identity() == replace(TINY, l1_coeff=0.5).identity() == replace(TINY, save_every_s=1.0).identity()
     assert TINY.identity() != replace(TINY, k=9).identity()
     relu = replace(TINY, architecture="relu")
     assert relu.identity() == replace(relu, k=9, aux_coeff=0.0).identity() != replace(relu, l1_coeff=0.5).identity()

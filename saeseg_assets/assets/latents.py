@@ -9,11 +9,11 @@ from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SelectionConfig, StatsConfig
 from ..partitions import CLASS_BACKFILL_POLICY, class_partitions
-from ..recipe import artifact_metadata, input_cache, input_folder
-from ..resources import Backbone, Storage
+from ..recipe import Recipe, stage
+from ..resources import Compute, Storage
 
-VERSION = 2  # of the folders' formats; bump when a change makes old statistics or choices wrong (2: top patches
-# from distinct images)
+# The class's record is written by the rules' module, the gallery by the pictures'.
+CLASS_LATENTS_WRITERS = ("study.latent_stats",)  # TODO(recipe): rules and gallery modules
 CLASS_LATENTS_FILE = "class_latents.json"
 GALLERY_FILE = "gallery.png"
 
@@ -21,58 +21,45 @@ LatentStatsConfig = launchpad_config("LatentStatsConfig", StatsConfig)
 ClassLatentsConfig = launchpad_config("ClassLatentsConfig", SelectionConfig)
 
 
-@dg.asset(deps=[dg.AssetKey("sae_weights"), dg.AssetKey("train_activations")], group_name="latents",
-          kinds={"pytorch", "safetensors"}, backfill_policy=dg.BackfillPolicy.single_run(), pool="gpu",
-          automation_condition=DOWNSTREAM_CONDITION)
+@dg.asset(deps=stage("latent_stats", reads=("sae_weights", "train_activations"), writes=("study.latent_stats",)),
+          group_name="latents", kinds={"pytorch", "safetensors"}, backfill_policy=dg.BackfillPolicy.single_run(),
+          pool="gpu", automation_condition=DOWNSTREAM_CONDITION)
 def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, storage: Storage,
-                 backbone: Backbone) -> dg.MaterializeResult:
+                 compute: Compute) -> dg.MaterializeResult:
     """Per latent: firing frequency, max and mean activation, top training patches; per (class, latent): activation
     sum and firing count over patches of that majority label (all, and pure ones); per class: patch counts."""
     import numpy as np
 
     from ..core.sae.model import load_sae
-    from ..core.store.artifacts import Spec
-    from ..core.study.latent_stats import (
-        compute_latent_stats,
-        dense_mask,
-        load_latent_stats,
-        save_latent_stats,
-    )
+    from ..core.study.latent_stats import compute_latent_stats, dense_mask, load_latent_stats, save_latent_stats
 
-    sae_key, sae_folder = input_folder(context, storage, "sae_weights")
-    train_key, cache = input_cache(context, storage, "train_activations")
-    settings = config.settings(device=config.device or backbone.device)
-    spec = Spec("latent_stats", VERSION, settings.identity(),
-                {"sae_weights": sae_key, "train_activations": train_key})
-    store = storage.store
-    reused = store.exists("latent_stats", spec.key)
-    if not reused:
+    recipe = Recipe(context, storage)
+    _, sae_folder = recipe.folder("sae_weights")
+    _, cache = recipe.cache("train_activations")
+    settings = config.settings()
+    out = recipe.output(settings.identity())
+    if not out.reused:
         sae, _ = load_sae(sae_folder)
-        stats = compute_latent_stats(sae, cache, settings, log=context.log.info)
-        with store.write(spec) as work:
+        stats = compute_latent_stats(sae, cache, settings, compute.device, log=context.log.info)
+        with out.write() as work:
             save_latent_stats(work, stats)
-    folder = store.open("latent_stats", spec.key)
-    stats = load_latent_stats(folder)
+    stats = load_latent_stats(out.folder)
     freq = stats.frequency_S
     live = freq[freq > 0]
-    return dg.MaterializeResult(
-        metadata={
-            **artifact_metadata(spec.key, folder, reused),
-            "n_tokens": stats.n_tokens,
-            "d_sae": stats.d_sae,
-            "dead_fraction": float((stats.fire_count_S == 0).mean()),
-            "dense_fraction": float(dense_mask(freq).mean()),
-            "median_frequency_of_live": float(np.median(live)) if len(live) else float("nan"),
-            "classes_in_training": int((stats.class_patches_C[1:] > 0).sum()),
-            "pure_patch_fraction": float(stats.pure_patches_C.sum() / max(stats.n_tokens, 1)),
-        },
-        data_version=dg.DataVersion(spec.key),
-    )
+    return out.result({
+        "n_tokens": stats.n_tokens,
+        "d_sae": stats.d_sae,
+        "dead_fraction": float((stats.fire_count_S == 0).mean()),
+        "dense_fraction": float(dense_mask(freq).mean()),
+        "median_frequency_of_live": float(np.median(live)) if len(live) else float("nan"),
+        "classes_in_training": int((stats.class_patches_C[1:] > 0).sum()),
+        "pure_patch_fraction": float(stats.pure_patches_C.sum() / max(stats.n_tokens, 1)),
+    })
 
 
-@dg.asset(partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY,
-          deps=[dg.AssetKey("latent_stats"), dg.AssetKey("probe_checkpoint")], group_name="latents", kinds={"json"},
-          automation_condition=DOWNSTREAM_CONDITION)
+@dg.asset(deps=stage("class_latents", reads=("latent_stats", "probe_checkpoint"), writes=CLASS_LATENTS_WRITERS),
+          partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY, group_name="latents",
+          kinds={"json"}, automation_condition=DOWNSTREAM_CONDITION)
 def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig, storage: Storage) -> None:
     """The top-k latents of each class by the configured rule, and every rule's ranking for the latent-count sweep:
     a class_latents.json per class (latent ids, scores, frequencies, max activations); an absent class gets an empty
@@ -83,7 +70,7 @@ def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig,
     from ..core.report.study_pictures import class_gallery_png
     from ..core.sae.model import load_sae
     from ..core.settings import RULES
-    from ..core.store.artifacts import Spec, write_atomic
+    from ..core.store.artifacts import write_atomic
     from ..core.study.latent_stats import (
         class_latents_record,
         load_latent_stats,
@@ -92,14 +79,13 @@ def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig,
         top_patches,
     )
 
-    stats_key, stats_folder = input_folder(context, storage, "latent_stats")
-    probe_key, probe_folder = input_folder(context, storage, "probe_checkpoint")
+    recipe = Recipe(context, storage)
+    stats_key, stats_folder = recipe.folder("latent_stats")
+    _, probe_folder = recipe.folder("probe_checkpoint")
     selection = config.settings()
-    spec = Spec("class_latents", VERSION, selection.identity(),
-                {"latent_stats": stats_key, "probe_checkpoint": probe_key})
+    outputs = {key: recipe.output(selection.identity(), part=key) for key in context.partition_keys}
     store = storage.store
-    todo = [key for key in context.partition_keys if not store.exists("class_latents", spec.key, key)]
-    if todo:
+    if todo := [key for key, out in outputs.items() if not out.reused]:
         stats = load_latent_stats(stats_folder)
         made_from = store.inputs("latent_stats", stats_key)
         images = _TrainingImages(context, storage, made_from["train_activations"])
@@ -112,18 +98,17 @@ def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig,
         rankings = {rule: select_class_latents(stats, ade_class.index, selection, rule, selection.ranked, effect_S)
                     for rule in RULES}
         record = class_latents_record(chosen, key, ade_class.name, selection, stats.meta, rankings)
-        with store.write(spec, part=key) as work:
+        with outputs[key].write() as work:
             write_atomic(work / CLASS_LATENTS_FILE, json.dumps(record, indent=2).encode())
             if chosen.latents:
                 tops = [(i, top_patches(stats, i)[: selection.gallery_patches]) for i in chosen.latents]
                 write_atomic(work / GALLERY_FILE, class_gallery_png(
                     tops, images.load, images.grid, images.patch_size,
                     f"{key}: top training patches of its latents ({chosen.rule})"))
-    for key in context.partition_keys:
-        folder = store.open("class_latents", spec.key, key)
+    for key, out in outputs.items():
+        folder = out.folder
         record = json.loads((folder / CLASS_LATENTS_FILE).read_text())
-        metadata = {**artifact_metadata(spec.key, folder, key not in todo), "status": record["status"],
-                    "rule": record["rule"], "n_latents": len(record["latents"]),
+        metadata = {"status": record["status"], "rule": record["rule"], "n_latents": len(record["latents"]),
                     "latents": dg.MetadataValue.md(_latent_table(record))}
         if record["reason"]:
             metadata["reason"] = record["reason"]
@@ -131,7 +116,7 @@ def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig,
         if (folder / GALLERY_FILE).exists():
             gallery = (folder / GALLERY_FILE).read_bytes()
             metadata["gallery"] = dg.MetadataValue.md(png_markdown(gallery, f"{key} latent gallery"))
-        context.add_asset_metadata(metadata, partition_key=key)
+        out.record(metadata)
 
 
 class _TrainingImages:

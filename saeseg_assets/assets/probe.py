@@ -1,26 +1,14 @@
 """`probe_checkpoint` (the linear segmentation probe: a sweep trained on the training activations, or imported) and
 `baseline_metrics` (its per-class pixel metrics on the validation activations, the reference for suppression)."""
 
-import json
-
 import dagster as dg
 from pydantic import Field
 
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
 from ..core.settings import SweepConfig
-from ..recipe import (
-    artifact_metadata,
-    checkpoint_import,
-    input_cache,
-    input_folder,
-    readable,
-)
-from ..resources import Backbone, Checkpoints, Storage
-
-VERSION = 1  # of the folders' formats; bump when a change makes old probes or baselines wrong
-BASELINE_TABLE = "baseline_metrics.csv"
-BASELINE_SUMMARY = "baseline_metrics.json"
+from ..recipe import Recipe, checkpoint_import, stage
+from ..resources import Checkpoints, Compute, Storage
 
 ProbeConfig = launchpad_config("ProbeConfig", SweepConfig, import_path=(str, Field(
     default="", description="Probe checkpoint to import instead of training: a folder or probe.safetensors/.json of "
@@ -28,10 +16,10 @@ ProbeConfig = launchpad_config("ProbeConfig", SweepConfig, import_path=(str, Fie
     "folder data/checkpoints/probe/; where none holds a checkpoint, the probe is trained here. Default: ''.")))
 
 
-@dg.asset(group_name="probe", kinds={"pytorch", "safetensors"}, deps=["train_activations"], pool="gpu",
-          backfill_policy=dg.BackfillPolicy.single_run())
+@dg.asset(deps=stage("probe_checkpoint", reads=("train_activations",), writes=("probe.model",)), group_name="probe",
+          kinds={"pytorch", "safetensors"}, pool="gpu", backfill_policy=dg.BackfillPolicy.single_run())
 def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, storage: Storage,
-                     checkpoints: Checkpoints, backbone: Backbone) -> dg.MaterializeResult:
+                     checkpoints: Checkpoints, compute: Compute) -> dg.MaterializeResult:
     """Linear probe Linear(d_model, 151) on patch activations: probe.safetensors + probe.json.
 
     Trained by an lr x weight-decay sweep on the training cache (all heads share each batch) and selected by pixel
@@ -39,20 +27,14 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
     """
     from ..core.probe.model import Probe, check_d_model, load_probe, save_probe
     from ..core.probe.sweep import train_sweep
-    from ..core.store.artifacts import Spec
 
-    train_key, cache = input_cache(context, storage, "train_activations")
-    sweep = config.settings(device=config.device or backbone.device)
-    store = storage.store
-    configured = config.import_path or checkpoints.probe
-    with checkpoint_import(context, "probe_checkpoint", VERSION, "probe", storage, configured,
-                           {"train_activations": train_key}) as (checkpoint, spec):
-        spec = spec or Spec("probe_checkpoint", VERSION, sweep.identity(), {"train_activations": train_key})
-        reused = store.exists("probe_checkpoint", spec.key)
-        if reused:
-            context.log.info(f"reusing {store.path('probe_checkpoint', spec.key)}: same settings and inputs")
-        else:
-            with store.write(spec) as work:
+    recipe = Recipe(context, storage)
+    _, cache = recipe.cache("train_activations")
+    sweep = config.settings()
+    with checkpoint_import(recipe, "probe", config.import_path or checkpoints.probe) as (checkpoint, out):
+        out = out or recipe.output(sweep.identity())
+        if not out.reused:
+            with out.write() as work:
                 if checkpoint:
                     origin = checkpoint.origin or checkpoint.source
                     # Read, and checked for shapes and finite values, before anything is saved.
@@ -62,58 +44,44 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
                     meta = {**imported.meta, "source": "imported", "imported_from": str(origin)}
                     save_probe(work, Probe(imported.weight_CD, imported.bias_C, meta))
                 else:
-                    save_probe(work, train_sweep(cache, sweep, log=context.log.info).probe)
-    folder = store.open("probe_checkpoint", spec.key)
-    probe = load_probe(folder)
-    return dg.MaterializeResult(metadata=readable({**artifact_metadata(spec.key, folder, reused),
-                                                   **_probe_metadata(probe.meta)}),
-                                data_version=dg.DataVersion(spec.key))
+                    save_probe(work, train_sweep(cache, sweep, compute.device, log=context.log.info).probe)
+    return out.result(_probe_metadata(load_probe(out.folder).meta))
 
 
-@dg.asset(group_name="probe", kinds={"pytorch", "pandas"}, deps=["probe_checkpoint", "val_activations"], pool="gpu",
-          backfill_policy=dg.BackfillPolicy.single_run(), automation_condition=DOWNSTREAM_CONDITION)
-def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, backbone: Backbone) -> dg.MaterializeResult:
+@dg.asset(deps=stage("baseline_metrics", reads=("probe_checkpoint", "val_activations"), writes=("probe.evaluation",)),
+          group_name="probe", kinds={"pytorch", "pandas"}, pool="gpu", backfill_policy=dg.BackfillPolicy.single_run(),
+          automation_condition=DOWNSTREAM_CONDITION)
+def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, compute: Compute) -> dg.MaterializeResult:
     """The probe on the validation activations, pixel level (bilinear upsampling, argmax over 1..150, label 0
     ignored): baseline_metrics.csv, one row per class present or predicted (columns in the README)."""
-    import pandas as pd
-
-    from ..core.probe.evaluation import baseline_table, evaluate_probe, summary
+    from ..core.probe.evaluation import evaluate_probe, load_baseline, save_baseline
     from ..core.probe.model import check_d_model, load_probe
     from ..core.report.pictures import class_iou_bars_png, png_markdown
     from ..core.report.tables import markdown_table
-    from ..core.store.artifacts import Spec, write_atomic
 
-    probe_key, probe_folder = input_folder(context, storage, "probe_checkpoint")
-    val_key, cache = input_cache(context, storage, "val_activations")
-    spec = Spec("baseline_metrics", VERSION, {}, {"probe_checkpoint": probe_key, "val_activations": val_key})
-    store = storage.store
-    reused = store.exists("baseline_metrics", spec.key)
-    if not reused:
+    recipe = Recipe(context, storage)
+    _, probe_folder = recipe.folder("probe_checkpoint")
+    _, cache = recipe.cache("val_activations")
+    out = recipe.output({})
+    if not out.reused:
         probe = load_probe(probe_folder)
         check_d_model(probe, cache, probe_folder)
-        evaluation = evaluate_probe(cache, probe, backbone.device)
-        with store.write(spec) as work:
-            write_atomic(work / BASELINE_TABLE, baseline_table(evaluation).to_csv(index=False).encode())
-            write_atomic(work / BASELINE_SUMMARY, json.dumps(summary(evaluation), indent=2).encode())
-    folder = store.open("baseline_metrics", spec.key)
-    table = pd.read_csv(folder / BASELINE_TABLE)
-    overall = json.loads((folder / BASELINE_SUMMARY).read_text())
+        evaluation = evaluate_probe(cache, probe, compute.device)
+        with out.write() as work:
+            save_baseline(work, evaluation)
+    table, overall = load_baseline(out.folder)
     present = table[table["present"]]
     context.log.info(f"baseline mIoU {overall['miou']:.3f} over {overall['n_classes_present']} classes")
     chart = class_iou_bars_png(present["class_key"].tolist(), present["iou"].tolist(),
                                title=f"baseline IoU per class (mIoU {overall['miou']:.3f})")
     columns = ["class_key", "iou", "accuracy", "precision", "gt_pixels", "pred_pixels", "patch_accuracy"]
-    return dg.MaterializeResult(
-        metadata=readable({
-            **artifact_metadata(spec.key, folder, reused),
-            **{name: overall[name] for name in ("miou", "pixel_accuracy", "n_classes_present", "patch_miou",
-                                                "patch_accuracy")},
-            "n_predicted_absent": int((~table["present"]).sum()),
-            "classes": dg.MetadataValue.md(markdown_table(present[columns].to_dict(orient="records"))),
-            "iou_chart": dg.MetadataValue.md(png_markdown(chart, "per-class IoU")),
-        }),
-        data_version=dg.DataVersion(spec.key),
-    )
+    return out.result({
+        **{name: overall[name] for name in ("miou", "pixel_accuracy", "n_classes_present", "patch_miou",
+                                            "patch_accuracy")},
+        "n_predicted_absent": int((~table["present"]).sum()),
+        "classes": dg.MetadataValue.md(markdown_table(present[columns].to_dict(orient="records"))),
+        "iou_chart": dg.MetadataValue.md(png_markdown(chart, "per-class IoU")),
+    })
 
 
 def _probe_metadata(meta: dict) -> dict:

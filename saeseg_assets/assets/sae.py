@@ -4,26 +4,15 @@ Its folder holds sae.safetensors + sae.json (README, "SAE"), evaluation.json and
 (saelens/); the trainer state while training.
 """
 
-import json
-
 import dagster as dg
 from pydantic import Field
 
 from ..config import launchpad_config
 from ..core.settings import TrainConfig
-from ..recipe import (
-    artifact_metadata,
-    check_same_dataset,
-    checkpoint_import,
-    input_cache,
-    readable,
-)
-from ..resources import Backbone, Checkpoints, Storage
+from ..recipe import Recipe, checkpoint_import, stage
+from ..resources import Checkpoints, Compute, Storage
 
-# Of the folder's format; bump when a change makes old SAEs wrong. 2: the SAELens copy beside ours; an import's key
-# holds the b_dec setting and the training cache (on which an undecided b_dec convention is measured).
-VERSION = 2
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = "evaluation.json"  # transitional, for checks.py
 
 SaeConfig = launchpad_config("SaeConfig", TrainConfig, import_path=(str, Field(
     default="", description="SAE checkpoint to import instead of training: a folder or sae.safetensors/sae.json of "
@@ -36,70 +25,61 @@ SaeConfig = launchpad_config("SaeConfig", TrainConfig, import_path=(str, Field(
     "FVU on 16,384 training tokens (refused within 5%). Default: 'auto'.")))
 
 
-@dg.asset(deps=[dg.AssetKey("train_activations"), dg.AssetKey("val_activations")], group_name="sae",
-          kinds={"pytorch", "safetensors"}, pool="gpu", backfill_policy=dg.BackfillPolicy.single_run())
+@dg.asset(deps=stage("sae_weights", reads=("train_activations", "val_activations"),
+                     writes=("sae.model", "sae.evaluation", "sae.saelens_export")),
+          group_name="sae", kinds={"pytorch", "safetensors"}, pool="gpu", backfill_policy=dg.BackfillPolicy.single_run())
 def sae_weights(context: dg.AssetExecutionContext, config: SaeConfig, storage: Storage, checkpoints: Checkpoints,
-                backbone: Backbone) -> dg.MaterializeResult:
+                compute: Compute) -> dg.MaterializeResult:
     """The sparse autoencoder on the backbone's activations: trained (resumed after a crash) or imported, and
     measured on the validation cache; reused when the same settings met the same inputs before."""
-    from ..core.sae.evaluation import evaluate_sae
+    from ..core.data.cache import check_same_dataset
+    from ..core.sae.evaluation import evaluate_sae, load_evaluation, save_evaluation
     from ..core.sae.importing import import_sae
     from ..core.sae.model import load_sae
     from ..core.sae.saelens_export import FOLDER as SAELENS_FOLDER
     from ..core.sae.saelens_export import export_saelens
     from ..core.sae.training import fit_sae
-    from ..core.store.artifacts import Spec, write_atomic
 
-    val_key, val = input_cache(context, storage, "val_activations")
-    train_key, train = input_cache(context, storage, "train_activations")
-    check_same_dataset(storage, train_key, val_key)
+    recipe = Recipe(context, storage)
+    _, val = recipe.cache("val_activations")
+    _, train = recipe.cache("train_activations")
+    check_same_dataset(train, val)
     if train.d_model != val.d_model:
         raise ValueError(f"{train.path} holds d_model {train.d_model}, {val.path} holds {val.d_model}")
-    inputs = {"train_activations": train_key, "val_activations": val_key}
-    settings = config.settings(device=config.device or backbone.device)
-    store = storage.store
-    with checkpoint_import(context, "sae_weights", VERSION, "sae", storage, config.import_path or checkpoints.sae,
-                           inputs, {"import_subtracts_b_dec": config.import_subtracts_b_dec}) as (checkpoint, spec):
-        spec = spec or Spec("sae_weights", VERSION, settings.identity(), inputs)
-        reused = store.exists("sae_weights", spec.key)
-        if reused:
-            context.log.info(f"reusing {store.path('sae_weights', spec.key)}: same settings and inputs")
-        else:
-            with store.write(spec, resumable=checkpoint is None) as work:
+    settings = config.settings()
+    with checkpoint_import(recipe, "sae", config.import_path or checkpoints.sae,
+                           {"import_subtracts_b_dec": config.import_subtracts_b_dec}) as (checkpoint, out):
+        out = out or recipe.output(settings.identity())
+        if not out.reused:
+            with out.write(resumable=checkpoint is None) as work:
                 if checkpoint:
                     origin = str(checkpoint.origin or checkpoint.source)
                     sae, _ = import_sae(checkpoint.source, work, train, config.import_subtracts_b_dec,
                                         imported_from=origin, log=context.log.info)
                     context.log.info(f"imported the SAE from {origin}")
                 else:
-                    sae, _ = fit_sae(train, settings, work, log=context.log.info,
-                                     log_every_steps=settings.log_every_steps, save_every_s=settings.save_every_s)
-                metrics = evaluate_sae(sae, val, settings.device)
-                write_atomic(work / EVALUATION_FILE, json.dumps(metrics.__dict__, indent=2).encode())
-                provenance = {"saeseg_key": spec.key, "model_name": train.attrs.get("backbone"),
+                    sae, _ = fit_sae(train, settings, work, device=compute.device, log=context.log.info)
+                save_evaluation(work, evaluate_sae(sae, val, compute.device))
+                provenance = {"saeseg_key": out.key, "model_name": train.attrs.get("backbone"),
                               "hook_name": f"block {train.attrs.get('layer')} output, patch tokens"}
                 if reason := export_saelens(sae, work / SAELENS_FOLDER, provenance):
                     context.log.warning(f"no SAELens copy: {reason}")
-    folder = store.open("sae_weights", spec.key)
+    folder = out.folder
     sae, meta = load_sae(folder)
-    metrics = json.loads((folder / EVALUATION_FILE).read_text())
-    context.log.info(f"held-out ({metrics['n_tokens']} tokens): fvu {metrics['fvu']:.4f}  l0 {metrics['l0']:.1f}  "
-                     f"dead {metrics['dead_fraction']:.3f}  dense {metrics['dense_fraction']:.3f}")
+    metrics = load_evaluation(folder)
+    context.log.info(f"held-out ({metrics.n_tokens} tokens): fvu {metrics.fvu:.4f}  l0 {metrics.l0:.1f}  "
+                     f"dead {metrics.dead_fraction:.3f}  dense {metrics.dense_fraction:.3f}")
     if meta.get("restart_reason"):
         context.log.warning(f"training was redone from step 0: {meta['restart_reason']}")
 
     saelens = folder / SAELENS_FOLDER
-    return dg.MaterializeResult(
-        metadata=readable({
-            **artifact_metadata(spec.key, folder, reused),
-            **{name: metrics[name] for name in ("fvu", "mse", "l0", "dead_fraction", "dense_fraction")},
-            "eval_tokens": metrics["n_tokens"],
-            **_model_metadata(sae, meta),
-            "saelens_copy": (dg.MetadataValue.path(str(saelens)) if saelens.is_dir()
-                             else "none: SAELens has no encoder that gives this SAE's codes"),
-        }),
-        data_version=dg.DataVersion(spec.key),
-    )
+    return out.result({
+        **{name: getattr(metrics, name) for name in ("fvu", "mse", "l0", "dead_fraction", "dense_fraction")},
+        "eval_tokens": metrics.n_tokens,
+        **_model_metadata(sae, meta),
+        "saelens_copy": (dg.MetadataValue.path(str(saelens)) if saelens.is_dir()
+                         else "none: SAELens has no encoder that gives this SAE's codes"),
+    })
 
 
 def _model_metadata(sae, meta: dict) -> dict:

@@ -293,3 +293,15 @@ def token_batches(cache: ActivationCache, spans: Sequence[Span], batch_size: int
 def _tokens(field: str, x: np.ndarray) -> np.ndarray:
     """Per-image arrays -> one row per token: activations [n, P, D] -> [n*P, D]; patch maps [n, h, w] -> [n*h*w]."""
     return x.reshape(-1, x.shape[-1]) if field == "activations" else x.reshape(-1)
+
+
+def check_same_dataset(train: ActivationCache, val: ActivationCache) -> None:
+    """Refuses to combine a training and a validation cache recorded from different datasets (or from one dataset
+    before and after its files changed), naming both."""
+    # Caches made without a dataset fingerprint (synthetic ones) are told apart by their dataset root.
+    datasets = [c.attrs.get("dataset_fingerprint") or c.attrs.get("dataset_root") for c in (train, val)]
+    if datasets[0] != datasets[1]:
+        described = (f"{c.path} (dataset {d} under {c.attrs.get('dataset_root')})" for c, d in zip((train, val), datasets))
+        raise CacheError(f"{next(described)} and {next(described)} were recorded from different datasets: materialize "
+                         "train_activations and val_activations together, so that both come from the dataset as it is "
+                         "now")

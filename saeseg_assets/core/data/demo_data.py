@@ -306,11 +306,3 @@ def _move_into_place(building: Path, final: Path, params: dict[str, int]) -> Non
             raise
     if stale is not None:
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def describe_sources() -> list[dict[str, object]]:
-    """The source table as plain records, for metadata and documentation."""
-    return [{"package": s.package, "file": s.file, "box": list(s.box), "class_index": s.class_index,
-             "class_key": s.class_key or "other", "shows": s.shows,
-             "training_part": list(s.part("training")), "validation_part": list(s.part("validation"))}
-            for s in SOURCES]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ..data.cache import ActivationCache, Span, chunk_spans
+from ..store.artifacts import write_atomic
 from .metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
 from .model import Probe
 
@@ -45,6 +48,9 @@ def evaluate_probe(cache: ActivationCache, probe: Probe, device: torch.device | 
     return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device)[0]
 
 
+FORMAT_VERSION = 1  # of baseline_metrics.csv and baseline_metrics.json
+BASELINE_TABLE = "baseline_metrics.csv"
+BASELINE_SUMMARY = "baseline_metrics.json"
 BASELINE_COLUMNS = ("class_index", "class_key", "class_name", "present", "iou", "accuracy", "precision",
                     "gt_pixels", "pred_pixels", "patch_accuracy", "gt_patches", "pred_patches")
 
@@ -64,3 +70,15 @@ def summary(evaluation: Evaluation) -> dict[str, float | int]:
     return {"miou": evaluation.pixel.miou(), "pixel_accuracy": evaluation.pixel.pixel_accuracy(),
             "n_classes_present": evaluation.pixel.n_present, "patch_miou": evaluation.patch.miou(),
             "patch_accuracy": evaluation.patch.pixel_accuracy()}
+
+
+def save_baseline(folder: Path, evaluation: Evaluation) -> None:
+    """baseline_metrics.csv (`BASELINE_COLUMNS`, one row per class present or predicted) and baseline_metrics.json
+    (the `summary` figures)."""
+    write_atomic(Path(folder) / BASELINE_TABLE, baseline_table(evaluation).to_csv(index=False).encode())
+    write_atomic(Path(folder) / BASELINE_SUMMARY, json.dumps(summary(evaluation), indent=2).encode())
+
+
+def load_baseline(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """(per-class table, overall figures) as `save_baseline` wrote them."""
+    return pd.read_csv(Path(folder) / BASELINE_TABLE), json.loads((Path(folder) / BASELINE_SUMMARY).read_text())

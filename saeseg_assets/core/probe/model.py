@@ -19,6 +19,7 @@ from ..store.checkpoints import (
 from .metrics import N_OUTPUTS
 
 STEM = "probe"
+FORMAT_VERSION = 1  # of probe.safetensors + probe.json
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,14 @@ def sweep_losses(W_HCD: torch.Tensor, b_HC: torch.Tensor, acts_ND: torch.Tensor,
     return -(logits_HNC.log_softmax(dim=-1) * targets_NC).sum(dim=(1, 2)) / targets_NC.sum().clamp_min(1e-12)
 
 
-def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig,
+def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig, device: str = "cpu",
                 log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trains one head per (lr, weight decay) of `config` with AdamW on the same batches of `spans`.
 
-    Returns (W_HCD, b_HC, last epoch's mean loss per head [H]), on the config's device.
+    Returns (W_HCD, b_HC, last epoch's mean loss per head [H]), on `device`.
     """
     t0 = time.perf_counter()
-    device = torch.device(config.device or "cpu")
+    device = torch.device(device)
     grid = config.grid
     # Zero init: the problem is convex, and equal starts make the heads differ only by lr and weight decay.
     weights = [torch.zeros(N_OUTPUTS, cache.d_model, device=device, requires_grad=True) for _ in grid]
@@ -121,16 +121,17 @@ def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConf
     return torch.stack(weights).detach(), torch.stack(biases).detach(), loss_H
 
 
-def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
+def train_sweep(cache: ActivationCache, config: SweepConfig, device: str = "cpu",
+                log: Callable[[str], None] = print) -> SweepResult:
     """Trains every head on the training spans of the cache (`train_heads`), selects by held-out pixel mIoU."""
     t0 = time.perf_counter()
-    device = torch.device(config.device or "cpu")
+    device = torch.device(device)
     train_spans, held_spans = split_held_out(cache, config.held_out_fraction, config.seed)
     grid = config.grid
     n_train = sum(b - a for a, b in train_spans)
     log(f"probe sweep: {len(grid)} heads, {n_train} training images, {cache.n_images - n_train} held out, "
         f"{config.epochs} epochs, target {config.target}")
-    W_HCD, b_HC, loss_H = train_heads(cache, train_spans, config, log)
+    W_HCD, b_HC, loss_H = train_heads(cache, train_spans, config, device, log)
     evaluations = evaluate_heads(cache, W_HCD, b_HC, held_spans, device)
     table = pd.DataFrame({
         "lr": [lr for lr, _ in grid], "weight_decay": [wd for _, wd in grid],
@@ -151,3 +152,14 @@ def train_sweep(cache: ActivationCache, config: SweepConfig, log: Callable[[str]
     return SweepResult(Probe(W_HCD[best].cpu(), b_HC[best].cpu(), meta), table, seconds)
 
 
+def tuning_spans(probe: Probe, cache: ActivationCache) -> tuple[list[Span], str]:
+    """The training images the suppression study tunes on, and which they are in words: the chunks the probe's sweep
+    held out for its own selection; for a probe trained elsewhere, the draw a default sweep would hold out; for a
+    cache of one chunk, all of it (nothing can be held out; the probe may have been trained on it)."""
+    if held := probe.meta.get("held_out_images"):
+        return [(int(a), int(b)) for a, b in held], "the chunks the probe sweep held out"
+    default = SweepConfig()
+    try:
+        return split_held_out(cache, default.held_out_fraction, default.seed)[1], "the probe sweep's draw"
+    except ValueError:
+        return [(0, cache.n_images)], "all training images (one chunk: none could be held out)"

@@ -5,14 +5,20 @@ All figures are totals over the whole evaluation set, accumulated block by block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.cache import ActivationCache, chunk_spans, token_batches
 from ..study.latent_stats import dense_mask
+from ..store.artifacts import write_atomic
 from .model import Sae
+
+FORMAT_VERSION = 1  # of evaluation.json
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass(frozen=True)
@@ -95,3 +101,15 @@ def token_sample(cache: ActivationCache, n_tokens: int, seed: int, buffer_images
     n = min(n_tokens, cache.n_tokens)
     batches = token_batches(cache, chunk_spans(cache), n, np.random.default_rng(seed), buffer_images=buffer_images)
     return next(batches)["activations"]
+
+
+def save_evaluation(folder: Path, metrics: SaeMetrics) -> Path:
+    """Writes evaluation.json: the fields of `SaeMetrics`."""
+    path = Path(folder) / EVALUATION_FILE
+    write_atomic(path, json.dumps(asdict(metrics), indent=2).encode())
+    return path
+
+
+def load_evaluation(folder: Path) -> SaeMetrics:
+    path = Path(folder) / EVALUATION_FILE
+    return SaeMetrics(**json.loads(path.read_text()))

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..store.checkpoints import CheckpointError, load_tensors, save_tensors
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")  # every encoder this model runs, imported ones included
+FORMAT_VERSION = 1  # of sae.safetensors + sae.json
 THRESHOLDED = ("batchtopk", "jumprelu")  # encoders that fire where the pre-activation exceeds a per-latent threshold
 STEM = "sae"
 

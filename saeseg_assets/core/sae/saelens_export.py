@@ -13,6 +13,7 @@ from .model import Sae
 FOLDER = "saelens"  # beside our own pair in an sae_weights folder
 # The config layout written: that of SAELens 6 (its readers treat configs without a version as pre-6 ones).
 SAELENS_FORMAT_VERSION = "6.0.0"
+FORMAT_VERSION = 1  # of the saelens/ folder as written here
 
 
 def saelens_config(sae: Sae, metadata: dict) -> dict:

@@ -28,12 +28,12 @@ THRESHOLD_MOMENTUM = 0.1
 _SUMMED = ("loss", "fvu", "l0", "steps")  # per-step figures averaged over each log interval
 
 
-def fit_sae(cache: ActivationCache, config: TrainConfig, folder: Path, *, log: Callable[[str], None] = print,
-            **train_options) -> tuple[Sae, dict]:
+def fit_sae(cache: ActivationCache, config: TrainConfig, folder: Path, *, device: str = "cpu",
+            log: Callable[[str], None] = print, **train_options) -> tuple[Sae, dict]:
     """Trains the SAE for (config, cache) into `folder` (sae.safetensors + sae.json), resuming a killed run from
     `folder/trainer_state.safetensors`; returns the saved model and its sae.json."""
     folder = Path(folder)
-    run = train_sae(cache, config, folder / STATE_FILE, log=log, **train_options)
+    run = train_sae(cache, config, folder / STATE_FILE, device=device, log=log, **train_options)
     meta = {"training": config.model_dump(mode="json"), "tokens_trained": run.tokens_trained,
             "source_cache": {"fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
                              "layer": cache.attrs.get("layer"), "n_tokens": cache.n_tokens},
@@ -73,12 +73,13 @@ class _State:
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the log interval in progress
 
 
-def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, log: Callable[[str], None] = print,
-              log_every_steps: int = 50, save_every_s: float = 60.0, save_every_steps: int = 0,
+def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, device: str = "cpu",
+              log: Callable[[str], None] = print, save_every_steps: int = 0,
               after_step: Callable[[int], None] | None = None) -> TrainingRun:
-    """Trains an SAE on `cache`, resuming from `state_file` when it holds a run of the same key."""
+    """Trains an SAE on `cache` on `device`, resuming from `state_file` when it holds a run of the same key.
+    `save_every_steps` and `after_step` let a test kill a run at a known step."""
     t_start = time.perf_counter()
-    device = torch.device(config.device or "cpu")
+    device = torch.device(device)
     key = _state_key(config, cache)
     spec = SaeSpec(config.architecture, cache.d_model, config.expansion * cache.d_model,
                    config.k if config.architecture != "relu" else 0)
@@ -123,7 +124,7 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
         done = step + 1
         state.step, state.epoch, state.batch_in_epoch = done, epoch, batch_in_epoch + 1
 
-        if done % max(1, log_every_steps) == 0 or done == config.total_steps:
+        if done % max(1, config.log_every_steps) == 0 or done == config.total_steps:
             now = time.perf_counter()
             row = _history_row(sums, done, config.batch_size, since_fired_S, dead_tokens)
             row["seconds"] = round((state.history[-1]["seconds"] if state.history else 0.0) + now - t_log, 3)
@@ -134,7 +135,7 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
             sums = {name: torch.zeros((), device=device) for name in _SUMMED}
             t_log, timed_from = now, done
         periodic = save_every_steps and done % save_every_steps == 0
-        if done < config.total_steps and (periodic or time.perf_counter() - last_save >= save_every_s):
+        if done < config.total_steps and (periodic or time.perf_counter() - last_save >= config.save_every_s):
             state.sums = {name: float(value) for name, value in sums.items()}
             _save_state(state_file, key, state, optimizer, since_fired_S)
             last_save = time.perf_counter()

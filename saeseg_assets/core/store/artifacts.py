@@ -49,10 +49,11 @@ class WriterConflict(RuntimeError):
 
 @dataclass(frozen=True)
 class Spec:
-    """What decides one asset's output: its format version, effective settings and the keys of its inputs."""
+    """What decides one asset's output: the format versions of the code that writes it (one number, or one per
+    writing module), its effective settings and the keys of its inputs."""
 
     asset: str
-    version: int
+    version: int | dict[str, int]
     settings: dict
     inputs: dict[str, str] = field(default_factory=dict)
 

@@ -118,13 +118,13 @@ def merge_top(values_ST: torch.Tensor, tokens_ST: torch.Tensor, lat_M: torch.Ten
 
 
 @torch.inference_mode()
-def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = StatsConfig(),
+def compute_latent_stats(sae, cache: ActivationCache, config: StatsConfig = StatsConfig(), device: str = "cpu",
                          log: Callable[[str], None] = print) -> LatentStats:
     """One streaming pass of the SAE over `cache`: every count and sum accumulated over the sparse codes with
     bincount / index_add (the cost scales with the non-zero codes, not tokens x latents)."""
     if sae.spec.d_model != cache.d_model:
         raise ValueError(f"the SAE encodes d_model {sae.spec.d_model}, the cache {cache.path} holds {cache.d_model}")
-    dev = torch.device(config.device or "cpu")
+    dev = torch.device(device)
     sae = sae.to(dev)
     S, C, P, T = sae.spec.d_sae, N_OUTPUTS, cache.n_patches, config.top_patches
     acc = {

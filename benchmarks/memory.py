@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache, CacheWriter
-from saeseg_assets.core.store.artifacts import Spec, Store
+from saeseg_assets.core.store.artifacts import OutputSpec, Store
 
 # In pipeline order; the first ones only put inputs in place for those measured.
 STAGES = [
@@ -100,7 +100,7 @@ def prepare(data: Path, scale: int, root: Path) -> dict[str, str]:
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = dg.DagsterInstance.from_config(str(home))
     for seed, (asset, source) in enumerate(sources.items()):
-        spec = Spec(asset, 1, {"benchmark": {"source": source.fingerprint, "scale": scale}})
+        spec = OutputSpec(asset, 1, {"benchmark": {"source": source.fingerprint, "scale": scale}})
         with store.write(spec) as folder:
             write_scaled_cache(source, scale, dataset, folder, seed)
         instance.report_runless_asset_event(dg.AssetMaterialization(asset, metadata={"key": spec.key}))

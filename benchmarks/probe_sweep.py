@@ -23,13 +23,13 @@ from sae_training import (
 from saeseg_assets.core.data.ade20k import patch_labels
 from saeseg_assets.core.data.cache import (
     ActivationCache,
-    CacheSettings,
+    CacheProvenance,
     CacheWriter,
     token_batches,
 )
 from saeseg_assets.core.probe.evaluation import evaluate_heads
 from saeseg_assets.core.probe.sweep import split_held_out, target_field, train_heads
-from saeseg_assets.core.settings import SweepConfig
+from saeseg_assets.core.settings import SweepSettings
 
 
 def synthetic_cache(path: Path, n_images: int, d_model: int = 384, crop: int = 224, patch: int = 14,
@@ -37,7 +37,7 @@ def synthetic_cache(path: Path, n_images: int, d_model: int = 384, crop: int = 2
     """The embedded default's shape (ViT-S/14 at 224 px): images of 2-5 vertical bands of random classes, each
     patch's activation its majority class's embedding plus noise, stored as float16."""
     rng = np.random.default_rng(seed)
-    settings = CacheSettings(backbone="synthetic", backbone_source="synthetic", layer=0, crop_size=crop,
+    settings = CacheProvenance(backbone="synthetic", backbone_source="synthetic", layer=0, crop_size=crop,
                              patch_size=patch, d_model=d_model, dataset_root="/synthetic", split="training",
                              preprocessing="none")
     embed_CD = rng.normal(size=(151, d_model)).astype(np.float32)
@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = (ActivationCache(Path(args.cache)) if args.cache
                  else synthetic_cache(Path(tmp) / "synthetic.zarr", args.images))
-        shared = SweepConfig(epochs=args.epochs)
+        shared = SweepSettings(epochs=args.epochs)
         singles = [shared.model_copy(update={"lrs": (lr,), "weight_decays": (wd,)}) for lr, wd in shared.grid]
         train_spans, held_spans = split_held_out(cache, shared.held_out_fraction, shared.seed)
         print(f"cache {cache.path.name}: {cache.n_images} images x {cache.n_patches} patches x {cache.d_model} dims; "

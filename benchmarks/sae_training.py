@@ -21,7 +21,7 @@ from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.data.synthetic import write_sparse_cache
 from saeseg_assets.core.sae.model import Sae, SaeSpec
 from saeseg_assets.core.sae.training import train_sae, train_step
-from saeseg_assets.core.settings import TrainConfig
+from saeseg_assets.core.settings import TrainSettings
 from saeseg_assets.core.store.artifacts import Store
 
 
@@ -68,7 +68,7 @@ def dense_flops_per_token(d: int, s: int) -> int:
     return 5 * 2 * d * s
 
 
-def training_rate(cache, config: TrainConfig, device: str) -> float:
+def training_rate(cache, config: TrainSettings, device: str) -> float:
     """Tokens/s of the training loop (from its own clock, which starts after initialization)."""
     with tempfile.TemporaryDirectory() as tmp:
         quiet = config.model_copy(update={"log_every_steps": 10 ** 9, "save_every_s": 1e9})
@@ -76,7 +76,7 @@ def training_rate(cache, config: TrainConfig, device: str) -> float:
     return run.tokens_trained / run.history[-1]["seconds"]
 
 
-def fixed_batch_rate(spec: SaeSpec, config: TrainConfig, device: str, steps: int, dense: bool) -> float:
+def fixed_batch_rate(spec: SaeSpec, config: TrainSettings, device: str, steps: int, dense: bool) -> float:
     """Tokens/s of bare steps on one batch held on the device (no data path): the sparse step or a dense one."""
     torch.manual_seed(0)
     sae = Sae.initialized(spec, torch.zeros(spec.d_model), seed=0).to(device)
@@ -113,7 +113,7 @@ def fixed_batch_rate(spec: SaeSpec, config: TrainConfig, device: str, steps: int
     return steps * config.batch_size / (time.perf_counter() - t0)
 
 
-def compare(label: str, cache: ActivationCache, config: TrainConfig, rounds: int, device: str, rate: float,
+def compare(label: str, cache: ActivationCache, config: TrainSettings, rounds: int, device: str, rate: float,
             encoder_rate: float) -> None:
     memory = InMemoryCache(cache)
     streamed, held = [], []
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=384)
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=TrainConfig().batch_size, help="tokens per step (default: the "
+    parser.add_argument("--batch", type=int, default=TrainSettings().batch_size, help="tokens per step (default: the "
                         "training default)")
     parser.add_argument("--steps", type=int, default=40, help="training steps per timed run")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each kind, interleaved")
@@ -155,7 +155,7 @@ def main() -> None:
     rate = max(encoder_rate, square_rate)  # the higher of the two: ratios against it err low
     print(f"matmul roofline: {rate / 1e9:.1f} GFLOP/s (fp32; encoder shape [{args.batch}, {d}] x [{d}, {s}]: "
           f"{encoder_rate / 1e9:.1f}, square 2048: {square_rate / 1e9:.1f})")
-    config = TrainConfig(expansion=args.expansion, k=args.k, batch_size=args.batch,
+    config = TrainSettings(expansion=args.expansion, k=args.k, batch_size=args.batch,
                          train_tokens=args.steps * args.batch, device=device, buffer_images=64)
 
     spec = SaeSpec("topk", d, s, args.k)

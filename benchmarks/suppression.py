@@ -21,24 +21,22 @@ from saeseg_assets.core.data.ade20k import CLASSES, class_by_key
 from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.probe.model import Probe, load_probe
 from saeseg_assets.core.probe.sweep import pixel_share_targets, split_held_out
+from saeseg_assets.core.report.results import ClassReport, Selection
 from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae
 from saeseg_assets.core.settings import (
     RULES,
-    SelectionConfig,
-    StatsConfig,
-    SuppressionConfig,
-    SweepConfig,
+    SelectionSettings,
+    StatsSettings,
+    SuppressionSettings,
+    SweepSettings,
 )
 from saeseg_assets.core.store.artifacts import Store
 from saeseg_assets.core.study.class_study import study_class
-from saeseg_assets.core.study.codes import compute_val_codes
-from saeseg_assets.core.study.latent_stats import (
-    compute_latent_stats,
-    margin_effects,
-    select_class_latents,
-)
+from saeseg_assets.core.study.codes import compute_codes
+from saeseg_assets.core.study.latent_stats import compute_latent_stats
 from saeseg_assets.core.study.logit_shift import PatchBaseline, PixelBaseline
-from saeseg_assets.core.study.suppression import SuppressionModel
+from saeseg_assets.core.study.model import SuppressionModel
+from saeseg_assets.core.study.rules import margin_effects, select_class_latents
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -132,48 +130,49 @@ def main() -> None:
           f"{sae.spec.d_sae} ({sae.spec.architecture}, k {sae.spec.k}) from {sae_source}; probe: {probe_source}; "
           f"torch threads {torch.get_num_threads()}")
 
-    t_stats, stats = timed(lambda: compute_latent_stats(sae, train, StatsConfig(), log=lambda _: None), 1)
-    t_codes, codes = timed(lambda: compute_val_codes(sae, probe, val, log=lambda _: None), 1)
+    t_stats, stats = timed(lambda: compute_latent_stats(sae, train, StatsSettings(), log=lambda _: None), 1)
+    t_codes, codes = timed(lambda: compute_codes(sae, probe, val, log=lambda _: None), 1)
     labels_N = torch.from_numpy(val.read("patch_labels", 0, val.n_images)).reshape(-1)
     pixels = torch.from_numpy(val.read("pixel_labels", 0, val.n_images))
     t_model, model = timed(lambda: SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S,
                                                     stats.frequency_S, codes, labels_N, pixels, val.grid), 1)
-    held = split_held_out(train, SweepConfig().held_out_fraction, SweepConfig().seed)[1]
-    t_tuning, tuning_codes = timed(lambda: compute_val_codes(sae, probe, train, log=lambda _: None, spans=held), 1)
+    held = split_held_out(train, SweepSettings().held_out_fraction, SweepSettings().seed)[1]
+    t_tuning, tuning_codes = timed(lambda: compute_codes(sae, probe, train, log=lambda _: None, spans=held), 1)
     tuning = SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, tuning_codes,
                               torch.from_numpy(np.concatenate([train.read("patch_labels", a, b) for a, b in held]))
                               .reshape(-1), torch.from_numpy(np.concatenate([train.read("pixel_labels", a, b)
                                                                              for a, b in held])), train.grid, False)
-    config = SuppressionConfig()
-    selection = SelectionConfig()
+    config = SuppressionSettings()
+    selection = SelectionSettings()
     W_dec, probe_W = sae.W_dec_SD.detach().numpy(), probe.weight_CD.numpy()
-    rankings, latents = {}, {}
+    rankings, selections = {}, {}
     for c in CLASSES:
         effect = margin_effects(W_dec, probe_W, stats.class_patches_C > 0, c.index)
-        latents[c.index] = select_class_latents(stats, c.index, selection, margin_effect_S=effect).latents
+        selections[c.index] = Selection(selection.rule, select_class_latents(stats, c.index, selection,
+                                                                          margin_effect_S=effect).latents)
         rankings[c.index] = {rule: select_class_latents(stats, c.index, selection, rule, selection.ranked,
                                                         effect).latents for rule in RULES}
     target = class_by_key(args.class_key).index
 
-    def study(c: int) -> dict:
-        return study_class(model, tuning, c, latents[c], selection.rule, rankings[c], config)
+    def study(c: int) -> ClassReport:
+        return study_class(model, tuning, c, selections[c], rankings[c], config)
 
     pixel_clock = Stopwatch(PixelBaseline, "counts_after")
     patch_clock = Stopwatch(PatchBaseline, "predictions_after")
     t_sae, _ = timed(lambda: sae_pass(sae, val), args.repeats)
     t_one, one = timed(lambda: study(target), args.repeats)
     (pixel_one, n_pixel), (patch_one, n_patch) = pixel_clock.take(), patch_clock.take()
-    t_all, reports = timed(lambda: [study(c) for c in latents], 1)
+    t_all, reports = timed(lambda: [study(c) for c in selections], 1)
     (pixel_all, _), (patch_all, _) = pixel_clock.take(), patch_clock.take()
     t_sae_after, _ = timed(lambda: sae_pass(sae, val), args.repeats)
     t_sae = statistics.median([t_sae, t_sae_after])
-    evaluated = sum(r["status"] == "evaluated" for r in reports)
+    evaluated = sum(r.evaluated for r in reports)
     r = args.repeats
 
     print(f"shared, once per run: latent stats over training {t_stats:.2f} s, val codes {t_codes:.2f} s, "
           f"tuning codes {t_tuning:.2f} s, baseline margins {t_model:.2f} s")
     print(f"full SAE encoding pass over validation: {t_sae:.3f} s (median, before and after the class runs)")
-    print(f"one class ({args.class_key}, {one['status']}, latents {list(latents[target])}): {t_one:.3f} s  "
+    print(f"one class ({args.class_key}, {one.status}, latents {list(selections[target].latents)}): {t_one:.3f} s  "
           f"ratio {t_one / t_sae:.3f}  (target <= 0.1)")
     if n_patch:
         print(f"  patch level: {n_patch // r} evaluations (sweeps, tuning, controls) {patch_one / r:.3f} s, ratio "
@@ -182,12 +181,12 @@ def main() -> None:
               f"evaluation (the configured edit alone) about {(patch_one / n_patch + pixel_one / n_pixel) / t_sae:.3f}")
     print(f"all 150 classes ({evaluated} present with latents): {t_all:.2f} s  ratio {t_all / t_sae:.2f}  "
           f"(target <= 2); patch level {patch_all:.2f} s, pixel level {pixel_all:.2f} s")
-    if one["status"] == "evaluated":
-        m = one["metrics"]
+    if one.configured is not None:
+        m = one.configured.patch
         print(f"{args.class_key} at scale {config.scale:g}, {config.mode}: "
-              f"target change {m['target_change_rate']:.3f}, "
-              f"other {m['other_change_rate']:.3f}, random latents {m['random_latents_target_change_rate']:.3f}, "
-              f"random direction {m['random_direction_target_change_rate']:.3f}")
+              f"target change {m.target_change_rate:.3f}, "
+              f"other {m.other_change_rate:.3f}, random latents {m.random_latents.target_change_rate:.3f}, "
+              f"random direction {m.random_direction.target_change_rate:.3f}")
     print("Timings are wall clock on a shared machine: compare the ratios, not the seconds.")
 
 

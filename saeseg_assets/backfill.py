@@ -5,39 +5,43 @@ backfill policy (SAESEG_CLASSES_PER_RUN), which the daemon's queue starts side b
 from __future__ import annotations
 
 import argparse
+import secrets
+import string
 import sys
 import time
 
 import dagster as dg
 
+# Dagster has no public call that records an asset backfill, or names its states, outside the UI and its GraphQL API
+# (which need a running webserver): this is the object they record. test_dagster_internals.py fails, naming what
+# changed, if Dagster changes it.
+from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus, PartitionBackfill
+
 
 def submit_backfill(instance: dg.DagsterInstance, asset_graph, assets: list[str], partitions: list[str],
                     title: str | None = None) -> str:
     """Records a backfill of `partitions` of `assets` in the instance (its daemon launches the runs); its id."""
-    # Dagster has no public call for an asset backfill outside the UI and GraphQL; this is the object they create.
-    from dagster._core.execution.backfill import PartitionBackfill
-    from dagster._core.utils import make_new_backfill_id
-    from dagster._time import get_current_timestamp
-
     backfill = PartitionBackfill.from_asset_partitions(
-        backfill_id=make_new_backfill_id(), asset_graph=asset_graph, partition_names=partitions,
-        asset_selection=[dg.AssetKey.from_user_string(a) for a in assets], backfill_timestamp=get_current_timestamp(),
+        backfill_id=new_backfill_id(), asset_graph=asset_graph, partition_names=partitions,
+        asset_selection=[dg.AssetKey.from_user_string(a) for a in assets], backfill_timestamp=time.time(),
         tags={}, dynamic_partitions_store=instance, all_partitions=False, title=title, description=None,
         run_config=None)
     instance.add_backfill(backfill)
     return backfill.backfill_id
 
 
+def new_backfill_id() -> str:
+    """Eight random lower-case letters, as the UI's backfill ids."""
+    return "".join(secrets.choice(string.ascii_lowercase) for _ in range(8))
+
+
 def wait_for_backfill(instance: dg.DagsterInstance, backfill_id: str, timeout_s: float, poll_s: float = 1.0):
     """Waits until the backfill and all its runs have ended; the backfill's last state."""
-    from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         backfill = instance.get_backfill(backfill_id)
         if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
-            runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
-            if all(run.is_finished for run in runs):
+            if all(run.is_finished for run in instance.get_runs(dg.RunsFilter.for_backfill(backfill_id))):
                 return backfill
         time.sleep(poll_s)
     raise TimeoutError(f"backfill {backfill_id} still running after {timeout_s:.0f} s")
@@ -71,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         start = time.time()
         backfill = wait_for_backfill(instance, backfill_id, args.timeout)
-        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        runs = instance.get_runs(dg.RunsFilter.for_backfill(backfill_id))
         failed = [run.run_id for run in runs if run.status != dg.DagsterRunStatus.SUCCESS]
         print(f"backfill {backfill_id}: {backfill.status.value} after {time.time() - start:.1f} s, {len(runs)} run(s)"
               + (f", failed: {' '.join(failed)}" if failed else ""))
-        return 1 if failed or backfill.status.value != "COMPLETED_SUCCESS" else 0
+        return 1 if failed or backfill.status != BulkActionStatus.COMPLETED_SUCCESS else 0
 
 
 if __name__ == "__main__":

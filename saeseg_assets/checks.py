@@ -6,14 +6,20 @@ Bounds default to the targets of the embedded demo and can be changed per run in
 
 import json
 import warnings
+from dataclasses import asdict
 
 import dagster as dg
+
+# Dagster has no public name for the materialization an evaluation is of, though the public AssetCheckEvaluation takes
+# one: without it, a class's check would not count as current for its latest report. test_dagster_internals.py fails,
+# naming what changed, if Dagster changes it.
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 from pydantic import Field
 
 from .assets.reports import suppression_report
-from .assets.sae import EVALUATION_FILE, sae_weights
+from .assets.sae import sae_weights
 from .partitions import class_partitions
-from .recipe import input_folder, readable
+from .recipe import latest_folder, readable
 from .resources import Storage
 
 # A partitioned check is a preview feature in Dagster 1.13; its notice would print at every definitions load.
@@ -37,7 +43,9 @@ class DeadFractionBound(dg.Config):
 
 def _evaluation(context, storage: Storage) -> dict:
     """The held-out figures of the latest `sae_weights` (written into its folder with the weights)."""
-    return json.loads((input_folder(context, storage, "sae_weights")[1] / EVALUATION_FILE).read_text())
+    from .core.sae.evaluation import load_evaluation
+
+    return asdict(load_evaluation(latest_folder(context.instance, storage, "sae_weights")))
 
 
 @dg.asset_check(asset=sae_weights, blocking=True, description=(
@@ -48,7 +56,7 @@ def sae_weights_finite(context: dg.AssetCheckExecutionContext, storage: Storage)
     import torch
     from safetensors.torch import load_file
 
-    path = input_folder(context, storage, "sae_weights")[1] / "sae.safetensors"
+    path = latest_folder(context.instance, storage, "sae_weights") / "sae.safetensors"
     bad = {name: int((~torch.isfinite(t)).sum()) for name, t in load_file(str(path)).items()}
     bad = {name: n for name, n in bad.items() if n}
     return dg.AssetCheckResult(passed=not bad, metadata={"non_finite": json.dumps(bad) if bad else "none",
@@ -95,10 +103,6 @@ def suppression_report_evaluated(context: dg.AssetCheckExecutionContext) -> None
     """One evaluation per evaluated class, pointing at that class's latest materialization; absent classes get none
     (their planned checks end as skipped). Logged per partition, since a check result knows no partition of its own
     in a run over a range of classes."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationTargetMaterializationData,
-    )
-
     op_context = context.op_execution_context
     for key in op_context.partition_keys:
         records = context.instance.fetch_materializations(dg.AssetRecordsFilter(

@@ -8,15 +8,15 @@ import typing
 import dagster as dg
 import pydantic
 
-from .core.settings import Settings
+from .core.settings import StageSettings
 
-_SETTINGS: dict[type, type[Settings]] = {}
+_SETTINGS: dict[type, type[StageSettings]] = {}
 
 
 class SettingsConfig(dg.Config):
     """A launchpad config whose fields are those of one core settings model (plus Dagster-only fields)."""
 
-    def settings(self, **overrides) -> Settings:
+    def settings(self, **overrides) -> StageSettings:
         """The core settings these values give, validated there; `overrides` fill in what resources decide."""
         model = _SETTINGS[type(self)]
         return model(**{**{name: getattr(self, name) for name in model.model_fields}, **overrides})
@@ -29,7 +29,7 @@ def _launchpad_type(annotation):
     return annotation
 
 
-def launchpad_config(name: str, model: type[Settings], **extra_fields) -> type[SettingsConfig]:
+def launchpad_config(name: str, model: type[StageSettings], **extra_fields) -> type[SettingsConfig]:
     """A `dagster.Config` class named `name` with one field per field of `model`: same type, default and doc (the
     default repeated in the doc, where the launchpad shows it). `extra_fields`: (type, pydantic.Field) of settings
     that only the Dagster layer has, such as an import path."""

@@ -10,29 +10,45 @@ from __future__ import annotations
 import json
 import os
 import socket
+import weakref
 from pathlib import Path
 
-from dagster._core.events import DagsterEventType
+import dagster as dg
+
+# Dagster has no public names for these, nor another way to the same facts: the result type run monitoring expects
+# from check_run_worker_health, the run tag in which DefaultRunLauncher notes the code server that starts the worker,
+# and the worker's first event, whose message names its process id (dagster/_grpc/impl.py).
+# test_dagster_internals.py fails, naming which, if Dagster changes any of them.
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
-# The run worker's first event names its process id (dagster/_grpc/impl.py).
 STARTED_PREFIX = "Started process for run (pid: "
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
 DEBUG_LINES = 30
 
 
-class LocalRunLauncher(DefaultRunLauncher):
+class LocalRunLauncher(dg.DefaultRunLauncher):
     """Runs as DefaultRunLauncher does; run monitoring asks whether each run's worker process is still alive. Workers
     of a code server on another machine cannot be seen from here: those count as running."""
+
+    def register_instance(self, instance: dg.DagsterInstance) -> None:
+        super().register_instance(instance)
+        # Weak, as Dagster's own reference: the instance owns its launcher.
+        self._launcher_instance = weakref.ref(instance)
+
+    @property
+    def instance(self) -> dg.DagsterInstance:
+        instance = self._launcher_instance()
+        if instance is None:
+            raise RuntimeError("the Dagster instance of this run launcher is gone")
+        return instance
 
     @property
     def supports_check_run_worker_health(self) -> bool:
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
-        worker = worker_process(self._instance, run)
+        worker = worker_process(self.instance, run)
         if worker is None:
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no local worker process to check")
         pid, started = worker
@@ -44,7 +60,7 @@ class LocalRunLauncher(DefaultRunLauncher):
 
     def get_run_worker_debug_info(self, run, include_container_logs: bool | None = True) -> str | None:
         """The last lines the run's steps wrote to stderr (their captured logs): why a worker died, where it said."""
-        return captured_stderr_tail(self._instance, run.run_id)
+        return captured_stderr_tail(self.instance, run.run_id)
 
 
 def worker_process(instance, run) -> tuple[int, float] | None:
@@ -52,7 +68,7 @@ def worker_process(instance, run) -> tuple[int, float] | None:
     grpc_info = json.loads(run.tags.get(GRPC_INFO_TAG) or "{}")
     if grpc_info.get("host") not in LOCAL_HOSTS and not grpc_info.get("socket"):
         return None
-    records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=20).records
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=20).records
     for record in records:
         message = record.event_log_entry.message or ""
         if message.startswith(STARTED_PREFIX):
@@ -84,15 +100,15 @@ def process_alive(pid: int, not_after: float) -> bool:
     return started <= not_after + 2  # btime and ticks are coarse
 
 
-def captured_stderr_tail(instance, run_id: str, lines: int = DEBUG_LINES) -> str | None:
-    """The last `lines` lines of each captured stderr file of a run (local compute logs), or None."""
+def captured_stderr_tail(instance: dg.DagsterInstance, run_id: str, lines: int = DEBUG_LINES) -> str | None:
+    """The last `lines` lines of stderr of each process that ran steps of a run (their captured logs, as the UI
+    shows them), under the steps' names; None if there are none."""
     manager = instance.compute_log_manager
-    base = getattr(manager, "_base_dir", None) or getattr(manager, "base_dir", None)
-    if not base:
-        return None
     tails = []
-    for path in sorted(Path(base, run_id).glob("**/*.err")):
-        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.LOGS_CAPTURED):
+        captured = event.dagster_event.logs_captured_data
+        stderr = manager.get_log_data(manager.build_log_key_for_run(run_id, captured.file_key)).stderr
+        text = (stderr or b"").decode(errors="replace").strip().splitlines()[-lines:]
         if text:
-            tails.append(f"{path.name}:\n" + "\n".join(text))
+            tails.append(f"{', '.join(captured.step_keys)}:\n" + "\n".join(text))
     return "\n\n".join(tails) or None

@@ -42,9 +42,9 @@ def stage(assets: str | tuple[str, ...], reads: tuple[str, ...] = (), writes: tu
 
 def spec_of(asset: str, settings: dict, inputs: dict[str, str]):
     """The store spec of one output: the format versions of `asset`'s writers, its settings and input keys."""
-    from .core.store.artifacts import Spec
+    from .core.store.artifacts import OutputSpec
 
-    return Spec(asset, STAGES[asset].format_versions(), settings, inputs)
+    return OutputSpec(asset, STAGES[asset].format_versions(), settings, inputs)
 
 
 def latest_key(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> str:
@@ -70,6 +70,11 @@ def latest_keys(instance: dg.DagsterInstance, asset: str) -> dict[str, str]:
     return {p: latest_key(instance, asset, p) for p in partitions}
 
 
+def latest_folder(instance: dg.DagsterInstance, storage, asset: str, partition: str | None = None) -> Path:
+    """The folder of the latest materialization of `asset`, for readers that are not assets (the checks)."""
+    return storage.store.open(asset, latest_key(instance, asset, partition), partition)
+
+
 class Recipe:
     """One run of one asset: reads its declared inputs' latest keys, computes its key, reuses or writes the output,
     and returns the materialization with readable metadata and the key as data version.
@@ -81,16 +86,26 @@ class Recipe:
         self.context, self.storage, self.store = context, storage, storage.store
         self.asset = asset or context.asset_key.to_user_string()
         self.stage = STAGES[self.asset]
-        self.inputs: dict[str, str] = {}
+        self.inputs: dict[str, str] = {}  # the unpartitioned inputs' keys, part of every output's key
+        self.read: set[str] = set()
+
+    def _reads(self, asset: str) -> None:
+        if asset not in self.stage.reads:
+            raise RuntimeError(f"{self.asset} reads {asset}, which it does not declare as an input")
+        self.read.add(asset)
 
     def key_of(self, asset: str, partition: str | None = None) -> str:
         """The key of the latest materialization of an input this asset reads (of one class: `partition`)."""
-        if asset not in self.stage.reads:
-            raise RuntimeError(f"{self.asset} reads {asset}, which it does not declare as an input")
+        self._reads(asset)
         key = latest_key(self.context.instance, asset, partition)
         if partition is None:
             self.inputs[asset] = key
         return key
+
+    def partition_keys(self, asset: str) -> dict[str, str]:
+        """Per materialized class of a partitioned input, the key of its latest materialization."""
+        self._reads(asset)
+        return latest_keys(self.context.instance, asset)
 
     def folder(self, asset: str, partition: str | None = None) -> tuple[str, Path]:
         """(key, folder) of an input, refused if the folder is not complete."""
@@ -106,10 +121,10 @@ class Recipe:
 
     def output(self, settings: dict, inputs: dict[str, str] | None = None, part: str | None = None,
                asset: str | None = None) -> Output:
-        """This asset's output (or one class's: `part`) made from `settings` and every input read so far (plus
-        `inputs`: the keys of per-class inputs)."""
+        """This asset's output (or one class's: `part`) made from `settings` and the unpartitioned inputs read so far,
+        plus `inputs`: the keys of partitioned inputs, which the caller names (one class's, or every class's)."""
         asset = asset or self.asset
-        unread = set(STAGES[asset].reads) - set(self.inputs) - set(inputs or {})
+        unread = set(STAGES[asset].reads) - self.read
         if unread:
             raise RuntimeError(f"{asset} declares {sorted(unread)} as inputs but its key does not hold them")
         return Output(self, spec_of(asset, settings, {**self.inputs, **(inputs or {})}), part)
@@ -143,9 +158,9 @@ class Output:
         return self.store.open(self.spec.asset, self.spec.key, self.part)
 
     def metadata(self, extra: dict) -> dict:
-        """The key, folder and reuse first, then `extra`, rounded as the UI shows numbers."""
-        return readable({KEY: self.key, "path": dg.MetadataValue.path(str(self.folder)), "reused": self.reused,
-                         **extra})
+        """`extra` (the answer first), then the key, folder and reuse, rounded as the UI shows numbers."""
+        return readable({**extra, KEY: self.key, "path": dg.MetadataValue.path(str(self.folder)),
+                         "reused": self.reused})
 
     def result(self, extra: dict) -> dg.MaterializeResult:
         """The materialization of an unpartitioned asset: its metadata and the key as data version."""
@@ -211,28 +226,3 @@ def readable(metadata: dict) -> dict:
         return value if isinstance(value, dg.MetadataValue) else significant(value)
 
     return {name: rounded(value) for name, value in metadata.items()}
-
-
-# Transitional, until every asset module uses Recipe.
-def input_folder(context, storage, asset: str, partition: str | None = None) -> tuple[str, Path]:
-    key = latest_key(context.instance, asset, partition)
-    return key, storage.store.open(asset, key, partition)
-
-
-def input_cache(context, storage, asset: str):
-    from .core.data.cache import CACHE_FOLDER, ActivationCache
-
-    key, folder = input_folder(context, storage, asset)
-    return key, ActivationCache(folder / CACHE_FOLDER)
-
-
-def artifact_metadata(key: str, folder: Path, reused: bool) -> dict:
-    return {KEY: key, "path": dg.MetadataValue.path(str(folder)), "reused": reused}
-
-
-def check_same_dataset(storage, train_key: str, val_key: str) -> None:
-    from .core.data.cache import CACHE_FOLDER, ActivationCache
-    from .core.data.cache import check_same_dataset as check
-
-    check(*(ActivationCache(storage.store.open(asset, key) / CACHE_FOLDER)
-            for asset, key in (("train_activations", train_key), ("val_activations", val_key))))

@@ -97,8 +97,8 @@ def record_synthetic_cache(instance, storage, asset: str, **cache_options) -> st
     """A synthetic activation cache (core.synthetic) as the latest `train_activations` or `val_activations`."""
     from saeseg_assets.core.data.cache import CACHE_FOLDER
     from saeseg_assets.core.data.synthetic import write_sparse_cache
-    from saeseg_assets.core.store.artifacts import Spec
+    from saeseg_assets.core.store.artifacts import OutputSpec
 
-    spec = Spec(asset, 1, {"synthetic": cache_options})
+    spec = OutputSpec(asset, 1, {"synthetic": cache_options})
     return record_artifact(instance, storage, spec, lambda folder: write_sparse_cache(folder / CACHE_FOLDER,
                                                                                      **cache_options))

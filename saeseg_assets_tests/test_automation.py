@@ -17,7 +17,6 @@ from saeseg_assets.automation import (
     CHECKPOINT_QUIET_S,
     CHECKPOINT_TAG,
     DOWNSTREAM_CONDITION,
-    STALE_BLOCK_TAG,
     nightly_stale_refresh,
     probe_checkpoint_sensor,
     sae_checkpoint_sensor,
@@ -32,7 +31,8 @@ from saeseg_assets.core.store.checkpoint_watch import (
     step,
 )
 from saeseg_assets.partitions import class_partitions
-from saeseg_assets.resources import Backbone, Checkpoints, Storage
+from saeseg_assets.resources import Checkpoints, Compute, Storage
+from saeseg_assets.staleness import PARTITION_RANGE_TAGS, STALE_BLOCK_TAG
 from saeseg_assets_tests.conftest import record_synthetic_cache
 
 # The automation-condition tester selects with a beta parameter of its own.
@@ -215,7 +215,7 @@ def test_a_paused_half_written_checkpoint_is_never_imported(tmp_path):
         def run(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
             """What the daemon launches for the request, reading the drop folder as it is now."""
             return dg.materialize([sae_weights], instance=instance, tags=request.tags, raise_on_error=False,
-                                  resources={"storage": storage, "checkpoints": Checkpoints(), "backbone": Backbone()})
+                                  resources={"storage": storage, "checkpoints": Checkpoints(), "compute": Compute()})
 
         path.write_bytes(whole[:len(whole) * 4 // 10])
         cursor = None
@@ -273,7 +273,6 @@ def summary() -> None:
 
 
 STAND_IN = [weights, stats, latents, report, summary]
-RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 
 
 def materialize(instance: dg.DagsterInstance, assets: list, partition: str | None = None, **tags: str) -> None:
@@ -342,7 +341,7 @@ def nightly(instance: dg.DagsterInstance, assets: list = STAND_IN) -> list[dg.Ru
 
 
 def summarize(runs: list[dg.RunRequest]) -> list[tuple]:
-    return [(sorted(k.to_user_string() for k in run.asset_selection), run.tags.get(RANGE[0]), run.tags.get(RANGE[1]),
+    return [(sorted(k.to_user_string() for k in run.asset_selection), *(run.tags.get(t) for t in PARTITION_RANGE_TAGS),
              run.tags[STALE_BLOCK_TAG]) for run in runs]
 
 
@@ -407,14 +406,19 @@ def test_nightly_schedule_redoes_an_asset_whose_code_version_changed():
 
 @pytest.mark.filterwarnings("ignore:Property `OpDefinition.version` is deprecated:DeprecationWarning")  # inside Dagster
 def test_nightly_schedule_sees_a_new_version_of_an_observed_source():
+    seen = {"version": ""}
+
     @dg.observable_source_asset(name="dataset")
     def dataset() -> dg.DataVersion:
-        raise AssertionError("observed by the reports below")
-
-    def observe(instance: dg.DagsterInstance, version: str) -> None:
-        instance.report_runless_asset_event(dg.AssetObservation("dataset", tags={"dagster/data_version": version}))
+        return dg.DataVersion(seen["version"])
 
     cache = dg.asset(name="cache", deps=[dataset])(lambda: None)
+    observation = dg.Definitions(assets=[dataset], jobs=[dg.define_asset_job("observe", [dataset])])
+
+    def observe(instance: dg.DagsterInstance, version: str) -> None:
+        seen["version"] = version
+        assert observation.resolve_job_def("observe").execute_in_process(instance=instance).success
+
     with dg.instance_for_test() as instance:
         observe(instance, "a")
         assert dg.materialize([dataset, cache], instance=instance, selection=[cache]).success

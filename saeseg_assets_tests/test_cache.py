@@ -11,14 +11,14 @@ import pytest
 from saeseg_assets.core.data.cache import (
     ActivationCache,
     CacheError,
-    CacheSettings,
+    CacheProvenance,
     CacheWriter,
     chunk_spans,
     prefetch,
     token_batches,
 )
 
-SETTINGS = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=4, patch_size=2, d_model=3,
+SETTINGS = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=4, patch_size=2, d_model=3,
                          dataset_root="/nowhere", split="training", preprocessing="none")
 
 
@@ -83,7 +83,7 @@ def test_a_partial_of_another_chunk_size_is_resumed_with_its_own(tmp_path):
 def test_partial_of_other_settings_starts_over(tmp_path):
     path = tmp_path / "c.zarr"
     _write(path, upto=4)
-    other = CacheSettings(**{**SETTINGS.__dict__, "layer": 1})
+    other = CacheProvenance(**{**SETTINGS.__dict__, "layer": 1})
     assert CacheWriter(path, other, [f"img{i}" for i in range(10)], chunk_images=4).n_written == 0
 
 

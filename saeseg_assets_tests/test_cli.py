@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from saeseg_assets.recipe import latest_keys
+from saeseg_assets.staleness import PARTITION_RANGE_TAGS
 from saeseg_assets_tests.conftest import write_tiny_ade20k, write_tiny_dinov2
 
 D_MODEL = 32  # the tiny Dinov2's hidden size
@@ -72,8 +73,8 @@ def test_readme_cli_commands(tmp_path):
 
     materialize(env, "--select", "*suppression_report", "--partition", "010_grass")
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        for key in ("train_activations", "val_activations", "sae_weights", "probe_checkpoint", "baseline_metrics",
-                    "latent_stats", "val_codes"):
+        for key in ("train_activations", "val_activations", "sae_weights", "probe_checkpoint", "latent_stats",
+                    "val_codes", "tuning_codes"):
             assert materializations(instance, key) == 1, key
         for key in ("class_latents", "suppression_report"):
             assert materializations(instance, key, "010_grass") == 1, key
@@ -91,8 +92,7 @@ def test_readme_cli_commands(tmp_path):
 
     materialize(env, "--select", "class_latents,suppression_report", "--partition-range", "001_wall...003_sky")
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        ranged = [r for r in instance.get_run_records() if r.dagster_run.tags.get(
-            "dagster/asset_partition_range_start") == "001_wall"]
+        ranged = [r for r in instance.get_run_records() if r.dagster_run.tags.get(PARTITION_RANGE_TAGS[0]) == "001_wall"]
         assert len(ranged) == 1 and ranged[0].dagster_run.is_success  # three classes, one run
         for key in ("001_wall", "002_building", "003_sky"):
             assert materializations(instance, "suppression_report", key) == 1, key

@@ -8,27 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.data.cache import ActivationCache, CacheProvenance, CacheWriter
 from saeseg_assets.core.sae.model import Sae, SaeSpec
+from saeseg_assets.core.settings import SelectionSettings, StatsSettings
 from saeseg_assets.core.study.latent_stats import (
     LatentStats,
-    SelectionConfig,
-    StatsConfig,
     compute_latent_stats,
     dense_mask,
-    f1_scores,
     load_latent_stats,
     merge_top,
     save_latent_stats,
-    select_class_latents,
     top_patches,
 )
+from saeseg_assets.core.study.rules import f1_scores, select_class_latents
 
 
 def write_cache(path, acts_BPD, labels_Bhw, purity_Bhw, chunk=2) -> ActivationCache:
     n, p, d = acts_BPD.shape
     grid = int(round(p ** 0.5))
-    settings = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=2 * grid, patch_size=2,
+    settings = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=2 * grid, patch_size=2,
                              d_model=d, dataset_root="/nowhere", split="training", preprocessing="none",
                              dtype="float32")
     writer = CacheWriter(path, settings, [f"img{i}" for i in range(n)], chunk_images=chunk)
@@ -58,7 +56,8 @@ def test_stats_equal_brute_force(tmp_path, architecture):
     purity = rng.choice([0.5, 0.9, 1.0], size=(n, grid, grid)).astype(np.float32)
     cache = write_cache(tmp_path / "c.zarr", acts, labels, purity)
     sae = random_sae(architecture)
-    stats = compute_latent_stats(sae, cache, StatsConfig(purity=0.9, top_patches=4, block_images=2), log=lambda _: None)
+    stats = compute_latent_stats(sae, cache, StatsSettings(purity=0.9, top_patches=4, block_images=2),
+                                 log=lambda _: None)
 
     with torch.no_grad():
         vals, idx = sae.encode(torch.from_numpy(acts.reshape(-1, d)))
@@ -139,17 +138,17 @@ def test_f1_rule_on_a_hand_made_table():
     # Class 3 over 80 pure patches: latent 0: TP 30, fired 30 -> 2*30/(30+30) = 1; latent 1: 2*30/(80+30);
     # latent 2: 2*10/(10+30) = 0.5.
     np.testing.assert_allclose(f1_scores(stats, 3)[:3], [1.0, 60 / 110, 0.5])
-    chosen = select_class_latents(stats, 3, SelectionConfig(rule="f1", k=2))
+    chosen = select_class_latents(stats, 3, SelectionSettings(rule="f1", k=2))
     assert chosen.latents == (0, 1) and chosen.scores == pytest.approx((1.0, 60 / 110))
     assert chosen.details[0]["precision"] == 1.0 and chosen.details[0]["recall"] == 30 / 40
 
 
 def test_activation_sum_rule_drops_dense_latents():
     stats = hand_stats()
-    chosen = select_class_latents(stats, 3, SelectionConfig(rule="activation_sum", k=3, dense_frequency=0.5))
+    chosen = select_class_latents(stats, 3, SelectionSettings(rule="activation_sum", k=3, dense_frequency=0.5))
     # Latent 1 fires on 100% of tokens: dropped despite the largest sum; latent 3 never fires: not chosen.
     assert chosen.latents == (2, 0) and chosen.scores == (50.0, 30.0)
-    loose = select_class_latents(stats, 3, SelectionConfig(rule="activation_sum", k=1, dense_frequency=1.01))
+    loose = select_class_latents(stats, 3, SelectionSettings(rule="activation_sum", k=1, dense_frequency=1.01))
     assert loose.latents == (1,)
 
 
@@ -161,13 +160,13 @@ def test_dense_means_firing_on_at_least_the_threshold_share():
 
 def test_absent_class_and_no_pure_patches():
     stats = hand_stats()
-    absent = select_class_latents(stats, 21, SelectionConfig(rule="f1"))
+    absent = select_class_latents(stats, 21, SelectionSettings(rule="f1"))
     assert absent.latents == () and "absent from the training cache" in absent.reason
     stats.pure_patches_C[10] = 0
-    no_pure = select_class_latents(stats, 10, SelectionConfig(rule="f1"))
+    no_pure = select_class_latents(stats, 10, SelectionSettings(rule="f1"))
     assert no_pure.latents == () and "pure" in no_pure.reason
     # Class 10 has patches, but the only latent firing there is dense: nothing to choose.
-    none = select_class_latents(stats, 10, SelectionConfig(rule="activation_sum", dense_frequency=0.5))
+    none = select_class_latents(stats, 10, SelectionSettings(rule="activation_sum", dense_frequency=0.5))
     assert none.latents == () and "no latent scores above 0" in none.reason
 
 

@@ -19,9 +19,10 @@ from unittest import mock
 import dagster as dg
 import pytest
 
+from benchmarks.postgres_server import PostgresServer, find_bin
 from saeseg_assets.core.store.artifacts import MANIFEST
 from saeseg_assets.partitions import class_partitions
-from saeseg_assets_tests.postgres import PostgresServer, find_bin
+from saeseg_assets.staleness import PARTITION_RANGE_TAGS
 from saeseg_assets_tests.test_cli import materialize, tiny_env, write_checkpoints
 from saeseg_assets_tests.test_ui import BIN, descendants, start, stop, wait_for
 
@@ -30,8 +31,6 @@ DEPLOY_YAML = REPO / "deploy" / "postgres" / "dagster.yaml"
 CLASSES = list(class_partitions.get_partition_keys())
 CLASSWISE = "class_latents,suppression_report"
 REPORT = "suppression_report"
-BACKFILL_TAG = "dagster/backfill"
-RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})  # no process per step: setup only
 
 
@@ -187,7 +186,7 @@ def world_factory(template_world, postgres_server, tmp_path):
 
 
 def backfill_runs(instance: dg.DagsterInstance, backfill_id: str) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id})))
+    return list(instance.get_run_records(filters=dg.RunsFilter.for_backfill(backfill_id)))
 
 
 def wait_for_runs(world: World, instance: dg.DagsterInstance, backfill_id: str, n_runs: int,
@@ -203,7 +202,7 @@ def wait_for_runs(world: World, instance: dg.DagsterInstance, backfill_id: str, 
 
 
 def class_range(record: dg.RunRecord) -> list[str]:
-    first, last = (record.dagster_run.tags[t] for t in RANGE_TAGS)
+    first, last = (record.dagster_run.tags[t] for t in PARTITION_RANGE_TAGS)
     return CLASSES[CLASSES.index(first): CLASSES.index(last) + 1]
 
 
@@ -317,9 +316,7 @@ def kill_run(instance: dg.DagsterInstance, record: dg.RunRecord, daemon_pid: int
 
 def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
     """What the run's failure and the engine events before it say."""
-    from dagster._core.events import DagsterEventType
-
-    events = instance.all_logs(run_id, of_type={DagsterEventType.ENGINE_EVENT, DagsterEventType.RUN_FAILURE})
+    events = instance.all_logs(run_id, of_type={dg.DagsterEventType.ENGINE_EVENT, dg.DagsterEventType.RUN_FAILURE})
     return "\n".join(e.message or "" for e in events[-4:])
 
 
@@ -434,7 +431,7 @@ def test_two_runs_writing_the_same_classes_at_once_both_finish_with_whole_folder
     assert [run.returncode for run in runs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     with world.instance() as instance:
         records = list(instance.get_run_records())
-        assert running_at_once([r for r in records if r.dagster_run.tags.get(RANGE_TAGS[0])]) == 2
+        assert running_at_once([r for r in records if r.dagster_run.tags.get(PARTITION_RANGE_TAGS[0])]) == 2
         both_wrote = []
         for asset in CLASS_FILES:
             recorded = materializations(instance, asset)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from saeseg_assets.core.data.ade20k import patch_labels
-from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.data.cache import ActivationCache, CacheProvenance, CacheWriter
 from saeseg_assets.core.probe.evaluation import (
     BASELINE_COLUMNS,
     baseline_table,
@@ -25,7 +25,7 @@ from saeseg_assets.core.probe.sweep import (
     split_held_out,
     train_sweep,
 )
-from saeseg_assets.core.settings import SweepConfig
+from saeseg_assets.core.settings import SweepSettings
 from saeseg_assets.core.store.checkpoints import CheckpointError
 
 D_MODEL, CROP, PATCH = 16, 8, 4
@@ -42,7 +42,7 @@ def write_toy_cache(path: Path, n_images: int = 12, chunk: int = 2, d_model: int
 
     2x2 patches of 4x4 pixels per image; patch labels from TOY_CLASSES, some patches "other" (0), some mixed.
     """
-    settings = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=CROP, patch_size=PATCH,
+    settings = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=CROP, patch_size=PATCH,
                              d_model=d_model, dataset_root="/toy", split=split, preprocessing="none", dtype="float32")
     rng = np.random.default_rng(seed)
     grid = CROP // PATCH
@@ -109,12 +109,12 @@ def test_held_out_slice_is_whole_chunks_disjoint_from_training(tmp_path):
 
 def test_sweep_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="lrs must be positive.*target must be one of"):
-        SweepConfig(lrs=(0.1, -1.0), target="pixels")
+        SweepSettings(lrs=(0.1, -1.0), target="pixels")
     with pytest.raises(ValueError, match="held_out_fraction"):
-        SweepConfig(held_out_fraction=1.0)
-    identity = SweepConfig().identity()
-    assert SweepConfig(epochs=11).identity() != identity
-    assert SweepConfig(lrs=[1e-3]).lrs == (1e-3,)  # the launchpad's lists become the model's tuples
+        SweepSettings(held_out_fraction=1.0)
+    identity = SweepSettings().identity()
+    assert SweepSettings(epochs=11).identity() != identity
+    assert SweepSettings(lrs=[1e-3]).lrs == (1e-3,)  # the launchpad's lists become the model's tuples
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_sweep_config_rejects_bad_settings():
 @pytest.mark.parametrize("target", ["soft", "majority"])
 def test_sweep_learns_the_toy_problem_and_selects_the_best_head(tmp_path, target):
     cache = write_toy_cache(tmp_path / "t.zarr")
-    result = train_sweep(cache, SweepConfig(lrs=(1e-5, 3e-2), target=target, **FAST), log=lambda m: None)
+    result = train_sweep(cache, SweepSettings(lrs=(1e-5, 3e-2), target=target, **FAST), log=lambda m: None)
     table = result.table
     assert list(table.columns) == ["lr", "weight_decay", "selection_miou", "selection_pixel_accuracy", "train_loss",
                                    "selected"]
@@ -134,7 +134,7 @@ def test_sweep_learns_the_toy_problem_and_selects_the_best_head(tmp_path, target
     assert (meta["lr"], meta["weight_decay"], meta["source"]) == (3e-2, 1e-5, "trained")
     assert meta["selection_miou"] == table["selection_miou"][1]
     assert meta["train_cache"]["fingerprint"] == cache.fingerprint
-    assert meta["config"] == SweepConfig(lrs=(1e-5, 3e-2), target=target, **FAST).model_dump(mode="json")
+    assert meta["config"] == SweepSettings(lrs=(1e-5, 3e-2), target=target, **FAST).model_dump(mode="json")
     json.dumps(meta)  # everything in it must go into probe.json
     assert float(result.probe.weight_CD[0].abs().max()) == 0.0  # output 0 is never trained
 
@@ -142,10 +142,10 @@ def test_sweep_learns_the_toy_problem_and_selects_the_best_head(tmp_path, target
 def test_every_head_trains_on_each_batch_read_once(tmp_path):
     cache = write_toy_cache(tmp_path / "t.zarr")
     reads = _counting_reads(cache)
-    train_sweep(cache, SweepConfig(lrs=(1e-2,), **FAST), log=lambda m: None)
+    train_sweep(cache, SweepSettings(lrs=(1e-2,), **FAST), log=lambda m: None)
     reads_one = list(reads)
     reads.clear()
-    train_sweep(cache, SweepConfig(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), **FAST), log=lambda m: None)
+    train_sweep(cache, SweepSettings(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), **FAST), log=lambda m: None)
     reads_six = list(reads)
     assert reads_six == reads_one  # six heads cost the reads of one
     train, held = split_held_out(cache, FAST["held_out_fraction"], seed=0)
@@ -156,8 +156,8 @@ def test_every_head_trains_on_each_batch_read_once(tmp_path):
 
 def test_heads_are_independent_of_each_other(tmp_path):
     cache = write_toy_cache(tmp_path / "t.zarr")
-    together = train_sweep(cache, SweepConfig(lrs=(1e-5, 3e-5, 3e-2), **FAST), log=lambda m: None).probe
-    alone = train_sweep(cache, SweepConfig(lrs=(3e-2,), **FAST), log=lambda m: None).probe
+    together = train_sweep(cache, SweepSettings(lrs=(1e-5, 3e-5, 3e-2), **FAST), log=lambda m: None).probe
+    alone = train_sweep(cache, SweepSettings(lrs=(3e-2,), **FAST), log=lambda m: None).probe
     assert together.meta["lr"] == 3e-2
     torch.testing.assert_close(together.weight_CD, alone.weight_CD, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(together.bias_C, alone.bias_C, atol=1e-5, rtol=1e-4)
@@ -278,7 +278,7 @@ def test_pretrained_backbone_beats_a_random_one_by_a_clear_margin(tmp_path):
     # The whole demo set: on 128/32 images the gap (0.46 vs 0.38) was too small to show. With the default sweep the
     # selection picked lr 1e-2 (pretrained) and 3e-3 (random), weight decay 1e-5, giving 0.491 against 0.372. Heads
     # train independently, so the three-head sweep below selects the same heads at a sixth of the cost.
-    sweep = SweepConfig(lrs=(1e-3, 3e-3, 1e-2), weight_decays=(1e-5,))
+    sweep = SweepSettings(lrs=(1e-3, 3e-3, 1e-2), weight_decays=(1e-5,))
     train, val = list_split(root, "training"), list_split(root, "validation")
     scores = {}
     for name, source in (("pretrained", "embedded"), ("random", str(random_dir))):

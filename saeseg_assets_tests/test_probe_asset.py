@@ -16,7 +16,7 @@ from saeseg_assets.assets.probe import baseline_metrics, probe_checkpoint
 from saeseg_assets.core.data.cache import CACHE_FOLDER, ActivationCache
 from saeseg_assets.core.probe.evaluation import BASELINE_COLUMNS
 from saeseg_assets.core.probe.model import load_probe
-from saeseg_assets.core.store.artifacts import Spec
+from saeseg_assets.core.store.artifacts import OutputSpec
 from saeseg_assets.core.store.checkpoints import CheckpointError
 from saeseg_assets.recipe import latest_key
 from saeseg_assets.resources import Checkpoints, Compute, Storage
@@ -42,7 +42,7 @@ def world(tmp_path):
     with dg.instance_for_test() as instance:
         storage = Storage(data_dir=str(tmp_path / "data"))
         for asset, split, n, seed in (("train_activations", "training", 12, 0), ("val_activations", "validation", 6, 1)):
-            spec = Spec(asset, 1, {"toy": seed})
+            spec = OutputSpec(asset, 1, {"toy": seed})
             record_artifact(instance, storage, spec, lambda folder, n=n, seed=seed, split=split: write_toy_cache(
                 folder / CACHE_FOLDER, n_images=n, seed=seed, split=split))
         yield World(storage, instance)

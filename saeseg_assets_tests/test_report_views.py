@@ -11,6 +11,19 @@ import numpy as np
 from PIL import Image
 
 from saeseg_assets.core.report.html import markdown_html
+from saeseg_assets.core.report.records import columns
+from saeseg_assets.core.report.results import (
+    ClassReport,
+    ClassRow,
+    Control,
+    Interval,
+    Measured,
+    PixelFigures,
+    Selection,
+    Setting,
+    SweepRow,
+    Tuning,
+)
 from saeseg_assets.core.report.study_pictures import (
     example_rows,
     examples_png,
@@ -18,42 +31,53 @@ from saeseg_assets.core.report.study_pictures import (
     legend_classes,
     specificity_heatmap_png,
 )
-from saeseg_assets.core.report.study_report import (
-    CLASS_COLUMNS,
+from saeseg_assets.core.report.summary import (
     class_rows,
+    dose_rows,
+    setting_counts,
     specificity_grid,
+    study_summary,
+    summary_rows,
 )
 from saeseg_assets.core.report.summary_page import summary_html
-from saeseg_assets.core.report.tables import significant
+from saeseg_assets.core.report.tables import record_markdown, significant
+from saeseg_assets.core.settings import SuppressionSettings
 from saeseg_assets.recipe import readable
 
 RULE = "class-specific: at least 50% of the class's patches change prediction, ..."
+CONFIGURED = Setting("f1", 3, "every_token", -2.0)
+TUNED = Setting("f1", 5, "where_active", -4.0)
 
 
-def report(key: str, index: int, target: float, specific: bool, tuned_specific: bool | None) -> dict:
+def measured(setting: Setting, target: float, specific: bool, iou_after: float = 0.25) -> Measured:
+    """A setting measured on validation: both controls change 0.1 of the target patches (at most 0.2 in one draw)."""
+    control = Control(0.1, 0.01, 0.2, Interval(0.05, 0.15), Interval(0.0, 0.02))
+    patch = SweepRow(setting, 12, target, 0.01, 0.1, control, control, specific, Interval(target - 0.1, target),
+                     Interval(0.0, 0.02))
+    pixels = PixelFigures(0.5, iou_after, iou_after - 0.5, Interval(-0.4, -0.2), 0.6, 0.3, 0.4, 0.4)
+    return Measured(patch, tuple(range(1, setting.n_latents + 1)), (-1.0,) * setting.n_latents, 0.3, pixels, (), ())
+
+
+def report(key: str, index: int, target: float, specific: bool, tuned_specific: bool | None) -> ClassReport:
     """An evaluated class: the configured setting (3 latents, -2 x max, every token), the sweep rows at N = 3 for two
     scales, and (unless `tuned_specific` is None) a tuned setting with one rule measured on validation."""
-    sweep = [{"n_latents": 3, "mode": "every_token", "scale": s, "target_change_rate": target * abs(s) / 2,
-              "other_change_rate": 0.01, "specific": specific and s == -2.0} for s in (-2.0, -1.0)]
-    sweep.append({"n_latents": 1, "mode": "every_token", "scale": -2.0, "target_change_rate": 0.1,
-                  "other_change_rate": 0.0, "specific": None})  # other N: no controls, not in the grid
-    part = {"status": "not_tuned", "reason": "no held-out images"}
+    sweep = tuple(SweepRow(Setting("f1", 3, "every_token", s), 12, target * abs(s) / 2, 0.01, 0.1,
+                           specific=specific and s == -2.0) for s in (-2.0, -1.0))
+    sweep += (SweepRow(Setting("f1", 1, "every_token", -2.0), 4, 0.1, 0.0, 0.5),)  # other N: no controls
+    tuning, tuned, per_rule = Tuning("no_tuning_images", "no held-out images"), None, {}
     if tuned_specific is not None:
-        setting = {"rule": "f1", "n_latents": 5, "mode": "where_active", "scale": -4.0}
-        part = {"status": "tuned", "setting": setting, "latents": [1, 2, 3, 4, 5],
-                "metrics": {"target_change_rate": 0.9, "other_change_rate": 0.02, "specific": tuned_specific},
-                "per_rule_validation": {"f1": {**setting, "target_change_rate": 0.9, "specific": tuned_specific}}}
-    return {"status": "evaluated", "class_key": key, "class_name": key[4:], "class_index": index,
-            "latents": [1, 2, 3], "rule": "f1", "mode": "every_token", "scale": -2.0, "target_patches": 40,
-            "target_pixels": 4000, "specific": specific, "specificity_rule": RULE, "reason": "",
-            "metrics": {"target_change_rate": target, "other_change_rate": 0.01, "specific": specific,
-                        "target_iou_before": 0.5, "target_iou_after": math.nan, "tpp_score": 0.3},
-            "tuned": part, "dose_response": sweep}
+        tuned = measured(TUNED, 0.9, tuned_specific)
+        tuning = Tuning("tuned", "", 10, 40, tuned.patch, {"f1": tuned.patch}, (tuned.patch,))
+        per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, specific=tuned_specific)}
+    return ClassReport(key, key[4:], index, "evaluated", "", Selection("f1", (1, 2, 3)), CONFIGURED, 4000, 40, RULE,
+                       SuppressionSettings(), measured(CONFIGURED, target, specific, iou_after=math.nan), tuning, tuned,
+                       per_rule, sweep)
 
 
 REPORTS = [report("010_grass", 10, 0.8, True, True), report("003_sky", 3, 0.2, False, None),
-           {"status": "absent_from_validation", "class_key": "150_flag", "class_name": "flag", "class_index": 150,
-            "reason": "no validation pixel carries this class: nothing to measure"}]
+           ClassReport("150_flag", "flag", 150, "absent_from_validation",
+                       "no validation pixel carries this class: nothing to measure", Selection("f1", ()), CONFIGURED,
+                       0, 0, RULE, SuppressionSettings())]
 
 
 def test_numbers_round_to_four_significant_digits_everywhere_in_metadata():
@@ -68,21 +92,26 @@ def test_numbers_round_to_four_significant_digits_everywhere_in_metadata():
 
 def test_class_rows_hold_the_table_columns_and_the_tuned_setting_in_words():
     rows = class_rows(REPORTS)
-    assert [r["class_key"] for r in rows] == ["010_grass", "003_sky"]  # evaluated classes only
-    assert list(rows[0]) == list(CLASS_COLUMNS)
-    assert rows[0]["tuned_setting"] == "-4 x max on the tokens where they fire, 5 latents by f1"
-    assert rows[0]["target_iou_after"] is None and rows[0]["tuned_specific"] is True  # NaN -> None
-    assert rows[1]["tuned_setting"] == "not tuned" and rows[1]["tuned_specific"] is None
+    assert [r.class_key for r in rows] == ["010_grass", "003_sky"]  # evaluated classes only
+    assert rows[0].tuned_setting == "-4 x max on the tokens where they fire, 5 latents by f1"
+    assert math.isnan(rows[0].target_iou_after) and rows[0].tuned_specific is True
+    assert rows[1].tuned_setting == "not tuned" and rows[1].tuned_specific is None
+    # The narrow view of the tuned settings, under the headings its fields give.
+    assert columns(ClassRow, "classes_tuned") == {"class_key": "class", "tuned_setting": "tuned setting",
+                                                  "tuned_target_change_rate": "tuned target",
+                                                  "tuned_other_change_rate": "tuned other",
+                                                  "tuned_specific": "tuned specific"}
+    assert record_markdown(rows, ClassRow, "classes_tuned").splitlines()[3] == "| 003_sky | not tuned | - | - | - |"
 
 
 def test_the_heatmap_grid_is_classes_by_sweep_settings_then_tuned_rules():
     grid = specificity_grid(REPORTS, ("f1", "activation_sum"))
-    assert grid["rows"] == ["010_grass", "003_sky"]
-    assert grid["columns"] == ["-2", "-1", "f1", "activation_sum"]
-    assert grid["groups"] == [("every token, scale x max", 0, 2), ("tuned, per rule", 2, 4)]
-    assert grid["specific"] == [[True, False, True, None], [False, False, None, None]]
-    assert grid["target"][0][:3] == [0.8, 0.4, 0.9] and grid["target"][1][2] is None
-    png = specificity_heatmap_png(grid["rows"], grid["columns"], grid["specific"], grid["target"], "t", grid["groups"])
+    assert grid.rows == ("010_grass", "003_sky")
+    assert grid.columns == ("-2", "-1", "f1", "activation_sum")
+    assert grid.groups == (("every token, scale x max", 0, 2), ("tuned, per rule", 2, 4))
+    assert grid.specific == ((True, False, True, None), (False, False, None, None))
+    assert grid.target[0][:3] == (0.8, 0.4, 0.9) and grid.target[1][2] is None
+    png = specificity_heatmap_png(grid)
     assert Image.open(io.BytesIO(png)).size[0] > 300
 
 
@@ -119,12 +148,26 @@ def test_markdown_tables_and_images_become_html():
     assert '<img alt="pic" src="data:image/png;base64,AAA">' in page
 
 
+def test_the_summary_counts_the_configured_and_tuned_verdicts():
+    rows = summary_rows(REPORTS)
+    summary = study_summary(REPORTS, rows, setting_counts(dose_rows(REPORTS)), ("f1", "activation_sum"), n_stale=0)
+    f = summary.figures
+    assert (f.n_classes_evaluated, f.n_specific, f.n_tuned, f.n_specific_tuned, f.n_absent_from_validation) == (
+        2, 1, 1, 1, 1)
+    assert f.tuned == TUNED and f.mean_target_change_rate == 0.5 and math.isnan(f.mean_target_iou_after)
+    assert (f.n_specific_oracle, f.oracle_setting) == (1, "-2 x max, every_token, 3 latents")
+    assert [(r.rule, r.counts.n_classes, r.counts.n_specific) for r in summary.per_rule] == [
+        ("f1", 1, 1), ("activation_sum", 0, 0)]
+    assert summary.result.startswith("At the original setting (-2 x max on every token, 3 latents by f1) 1 of 2 "
+                                     "present classes are class-specific; at settings tuned per class")
+
+
 def test_the_summary_page_is_self_contained():
     png = label_panels_png([], [("rgb", "image")], "none")
-    page = summary_html({"result": "At the original setting 1 of 2 present classes are class-specific.", "n": 2},
-                        class_rows(REPORTS), {"Per rule": [{"rule": "f1", "n_specific": 1}]}, {"specificity": png},
-                        REPORTS, {"010_grass": {"examples": png}})
-    assert "At the original setting 1 of 2 present classes are class-specific." in page
+    summary = study_summary(REPORTS, summary_rows(REPORTS), setting_counts(dose_rows(REPORTS)), ("f1",), n_stale=0)
+    page = summary_html(summary, class_rows(REPORTS), {"specificity": png}, REPORTS,
+                        {"010_grass": {"examples": png}})
+    assert summary.result in page and "1 of 2 present classes are class-specific" in page
     assert page.count("data:image/png;base64") == 1 and page.count("data:image/jpeg;base64") == 1
     assert "Classes not evaluated (1)" in page and "150_flag" in page
     for remote in ("http:", "https:", "<link", "src=\"/", "@import", "url("):

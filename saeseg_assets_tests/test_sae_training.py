@@ -24,18 +24,18 @@ from saeseg_assets.core.sae.training import (
     fit_sae,
     train_sae,
 )
-from saeseg_assets.core.settings import TrainConfig
+from saeseg_assets.core.settings import TrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 32 images x 64 patches = 2,048 tokens of width 32, each the mean plus 4 of 128 directions.
-TINY = TrainConfig(expansion=4, k=8, batch_size=128, train_tokens=128 * 150, lr=1e-2, warmup_steps=10,
+TINY = TrainSettings(expansion=4, k=8, batch_size=128, train_tokens=128 * 150, lr=1e-2, warmup_steps=10,
                    decay_fraction=0.2, buffer_images=16)
 
 
-def replace(config: TrainConfig, **changes) -> TrainConfig:
+def replace(config: TrainSettings, **changes) -> TrainSettings:
     """The same settings with some changed, validated like any other."""
-    return TrainConfig(**{**config.model_dump(), **changes})
+    return TrainSettings(**{**config.model_dump(), **changes})
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_the_input_scale_is_folded_into_the_weights():
 
 
 def test_learning_rate_warms_up_holds_and_decays():
-    config = TrainConfig(lr=1.0, warmup_steps=4, decay_fraction=0.5, batch_size=1, train_tokens=20)
+    config = TrainSettings(lr=1.0, warmup_steps=4, decay_fraction=0.5, batch_size=1, train_tokens=20)
     lrs = [_learning_rate(config, step) for step in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4:10] == [1.0] * 6
@@ -111,7 +111,7 @@ KILLED_RUN = textwrap.dedent("""
     from pathlib import Path
     import torch
     from saeseg_assets.core.data.cache import ActivationCache
-    from saeseg_assets.core.settings import TrainConfig
+    from saeseg_assets.core.settings import TrainSettings
     from saeseg_assets.core.sae.training import train_sae
 
     cache, config, state, kill_at = sys.argv[1:]
@@ -121,7 +121,7 @@ KILLED_RUN = textwrap.dedent("""
         if step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_sae(ActivationCache(cache), TrainConfig(**{**json.loads(config), "save_every_s": 1e9}), Path(state),
+    train_sae(ActivationCache(cache), TrainSettings(**{**json.loads(config), "save_every_s": 1e9}), Path(state),
               log=print, save_every_steps=20, after_step=die)
 """)
 

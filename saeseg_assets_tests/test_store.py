@@ -15,26 +15,26 @@ import saeseg_assets.core
 from saeseg_assets.core.store.artifacts import (
     MANIFEST,
     ArtifactMissing,
-    Spec,
+    OutputSpec,
     Store,
     WriterConflict,
 )
 
 
 def test_the_key_is_a_function_of_version_settings_and_inputs():
-    spec = Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"})
-    assert spec.key == Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"}).key
+    spec = OutputSpec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"})
+    assert spec.key == OutputSpec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a1"}).key
     assert len(spec.key) == 16 and int(spec.key, 16) >= 0
-    others = [Spec("latent_stats", 2, {"purity": 0.9}, {"sae_weights": "a1"}),
-              Spec("latent_stats", 1, {"purity": 0.8}, {"sae_weights": "a1"}),
-              Spec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a2"}),
-              Spec("val_codes", 1, {"purity": 0.9}, {"sae_weights": "a1"})]
+    others = [OutputSpec("latent_stats", 2, {"purity": 0.9}, {"sae_weights": "a1"}),
+              OutputSpec("latent_stats", 1, {"purity": 0.8}, {"sae_weights": "a1"}),
+              OutputSpec("latent_stats", 1, {"purity": 0.9}, {"sae_weights": "a2"}),
+              OutputSpec("val_codes", 1, {"purity": 0.9}, {"sae_weights": "a1"})]
     assert len({spec.key, *(o.key for o in others)}) == 5
 
 
 def test_a_folder_is_published_whole_with_its_manifest(tmp_path):
     store = Store(tmp_path)
-    spec = Spec("probe_checkpoint", 1, {"epochs": 3}, {"train_activations": "k0"})
+    spec = OutputSpec("probe_checkpoint", 1, {"epochs": 3}, {"train_activations": "k0"})
     assert not store.exists("probe_checkpoint", spec.key)
     with pytest.raises(ArtifactMissing, match=f"probe_checkpoint/{spec.key}: no complete probe_checkpoint"):
         store.open("probe_checkpoint", spec.key)
@@ -52,7 +52,7 @@ def test_a_folder_is_published_whole_with_its_manifest(tmp_path):
 
 def test_a_failed_write_leaves_nothing_and_a_resumable_one_its_partial_folder(tmp_path):
     store = Store(tmp_path)
-    spec = Spec("sae_weights", 1, {"k": 8})
+    spec = OutputSpec("sae_weights", 1, {"k": 8})
     with pytest.raises(RuntimeError):
         with store.write(spec) as work:
             (work / "half").write_text("x")
@@ -69,7 +69,7 @@ def test_a_failed_write_leaves_nothing_and_a_resumable_one_its_partial_folder(tm
 
 def test_a_second_writer_of_the_same_key_keeps_the_first_folder(tmp_path):
     store = Store(tmp_path)
-    spec = Spec("val_codes", 1, {})
+    spec = OutputSpec("val_codes", 1, {})
     with store.write(spec) as slow:
         (slow / "codes").write_text("first")
         with store.write(spec) as fast:
@@ -80,7 +80,7 @@ def test_a_second_writer_of_the_same_key_keeps_the_first_folder(tmp_path):
 
 
 def test_a_resumable_writer_waits_for_the_one_writing_the_same_key_and_never_enters_its_folder(tmp_path):
-    spec = Spec("train_activations", 1, {"split": "training"})
+    spec = OutputSpec("train_activations", 1, {"split": "training"})
     partial = tmp_path / "train_activations" / ".partial" / spec.key
     first_in, first_may_finish = threading.Event(), threading.Event()
 
@@ -111,7 +111,7 @@ def test_a_resumable_writer_waits_for_the_one_writing_the_same_key_and_never_ent
         with store.write(spec, resumable=True):
             pass
     assert (store.open("train_activations", spec.key) / "chunks").read_text() == "0-7 of the first writer"
-    other = Spec("train_activations", 1, {"split": "validation"})
+    other = OutputSpec("train_activations", 1, {"split": "validation"})
     with store.lock(other), store.write(other, resumable=True):  # the lock is reentrant: no wait on itself
         pass
     assert store.exists("train_activations", other.key) and len(messages) == 2
@@ -119,7 +119,7 @@ def test_a_resumable_writer_waits_for_the_one_writing_the_same_key_and_never_ent
 
 def test_partitioned_artifacts_have_one_folder_per_class(tmp_path):
     store = Store(tmp_path)
-    spec = Spec("class_latents", 1, {"k": 3}, {"latent_stats": "s1"})
+    spec = OutputSpec("class_latents", 1, {"k": 3}, {"latent_stats": "s1"})
     for part in ("001_wall", "010_grass"):
         with store.write(spec, part=part) as work:
             (work / "class_latents.json").write_text(part)
@@ -130,11 +130,11 @@ def test_partitioned_artifacts_have_one_folder_per_class(tmp_path):
 
 def test_prune_keeps_what_is_named_and_removes_the_rest(tmp_path):
     store = Store(tmp_path)
-    old, new = Spec("sae_weights", 1, {"k": 8}), Spec("sae_weights", 1, {"k": 16})
+    old, new = OutputSpec("sae_weights", 1, {"k": 8}), OutputSpec("sae_weights", 1, {"k": 16})
     for spec in (old, new):
         with store.write(spec):
             pass
-    with pytest.raises(RuntimeError), store.write(Spec("sae_weights", 1, {"k": 4}), resumable=True):
+    with pytest.raises(RuntimeError), store.write(OutputSpec("sae_weights", 1, {"k": 4}), resumable=True):
         raise RuntimeError("killed")
     folder = tmp_path / "sae_weights"
     assert store.prune({"sae_weights": {new.key}}, dry_run=True) == [folder / old.key, folder / ".tmp",

@@ -10,22 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core.settings import SelectionConfig, SuppressionConfig
-from saeseg_assets.core.study import suppression as sp
-from saeseg_assets.core.study.class_study import (
+from saeseg_assets.core.report.results import Interval, Selection
+from saeseg_assets.core.settings import SelectionSettings, SuppressionSettings
+from saeseg_assets.core.study.class_study import study_class, tune
+from saeseg_assets.core.study.latent_stats import STAT_FIELDS, LatentStats
+from saeseg_assets.core.study.measures import (
     bootstrap_weights,
     iou_change_interval,
+    is_class_specific,
     ratio_interval,
-    study_class,
     tpp_score,
-    tune,
 )
-from saeseg_assets.core.study.latent_stats import (
-    STAT_FIELDS,
-    LatentStats,
-    margin_effects,
-    select_class_latents,
-)
+from saeseg_assets.core.study.rules import margin_effects, select_class_latents
 from saeseg_assets_tests.test_suppression import tiny_world
 
 
@@ -39,15 +35,16 @@ def test_bootstrap_weights_draw_images_with_replacement():
 def test_ratio_interval_known_answers():
     weights = bootstrap_weights(20, 1000, seed=0)
     # Every image has the same ratio: every resample gives exactly it.
-    assert ratio_interval(weights, np.full(20, 3.0), np.full(20, 4.0)) == (0.75, 0.75)
+    assert ratio_interval(weights, np.full(20, 3.0), np.full(20, 4.0)) == Interval(0.75, 0.75)
     # Half of 20 one-patch images changed: a proportion of 0.5, whose 95% interval is about 0.5 +- 1.96 x 0.112.
-    low, high = ratio_interval(bootstrap_weights(20, 4000, seed=1), np.r_[np.ones(10), np.zeros(10)], np.ones(20))
-    assert low == pytest.approx(0.281, abs=0.04) and high == pytest.approx(0.719, abs=0.04)
+    ci = ratio_interval(bootstrap_weights(20, 4000, seed=1), np.r_[np.ones(10), np.zeros(10)], np.ones(20))
+    assert ci.low == pytest.approx(0.281, abs=0.04) and ci.high == pytest.approx(0.719, abs=0.04)
     # The same figures as resampling the images explicitly with the same draws.
     num, den = np.arange(1.0, 8.0), np.arange(2.0, 9.0) ** 2
     draws = np.random.default_rng(7).integers(0, 7, (1000, 7))
     explicit = np.percentile(num[draws].sum(1) / den[draws].sum(1), [2.5, 97.5])
-    assert ratio_interval(bootstrap_weights(7, 1000, seed=7), num, den) == pytest.approx(tuple(explicit))
+    ci = ratio_interval(bootstrap_weights(7, 1000, seed=7), num, den)
+    assert (ci.low, ci.high) == pytest.approx(tuple(explicit))
 
 
 def test_iou_change_interval_of_identical_images_is_the_change_itself():
@@ -55,9 +52,9 @@ def test_iou_change_interval_of_identical_images_is_the_change_itself():
     counts = lambda pred, tp: SimpleNamespace(gt_B=torch.full((10,), 4), pred_B=torch.full((10,), pred),  # noqa
                                               tp_B=torch.full((10,), tp))
     before, after = counts(4, 3), counts(1, 1)
-    low, high = iou_change_interval(bootstrap_weights(10, 1000, seed=0), before, after)
+    ci = iou_change_interval(bootstrap_weights(10, 1000, seed=0), before, after)
     # IoU before 3 / (4 + 4 - 3) = 0.6, after 1 / (4 + 1 - 1) = 0.25.
-    assert low == pytest.approx(-0.35) and high == pytest.approx(-0.35)
+    assert ci.low == pytest.approx(-0.35) and ci.high == pytest.approx(-0.35)
 
 
 def _stats(act_on_class_5: list[float]) -> LatentStats:
@@ -87,10 +84,10 @@ def test_probe_aware_rule_ranks_the_latent_that_moves_only_the_class_logit_first
     effect_S = margin_effects(W_dec_SD, probe_W_CD, stats.class_patches_C > 0, 5)
     # w_5 - mean(w_7, w_9) = (1, -0.5, -0.5): effects 1, 0.354, -0.5, -0.5.
     np.testing.assert_allclose(effect_S, [1.0, 0.5 * s2, -0.5, -0.5])
-    chosen = select_class_latents(stats, 5, SelectionConfig(rule="probe_aware", k=4), margin_effect_S=effect_S)
+    chosen = select_class_latents(stats, 5, SelectionSettings(rule="probe_aware", k=4), margin_effect_S=effect_S)
     assert chosen.latents == (0, 1)  # 1 x 1 beats 2 x 0.354; latents that push class 5 down are never chosen
     assert chosen.scores == pytest.approx((1.0, 2 * 0.5 * s2))
-    by_activation = select_class_latents(stats, 5, SelectionConfig(rule="activation_sum", dense_frequency=1.0, k=4))
+    by_activation = select_class_latents(stats, 5, SelectionSettings(rule="activation_sum", dense_frequency=1.0, k=4))
     assert by_activation.latents == (3, 2, 1, 0)  # what the activation alone would pick first
 
 
@@ -106,33 +103,37 @@ def test_tpp_score_by_hand():
 
 def test_specificity_compares_with_the_largest_single_control_draw(tmp_path):
     # Target 0.7 beats twice the mean control (2 x 0.25) but not twice the largest draw (2 x 0.4).
-    assert not sp.is_class_specific(0.7, 0.0, [max([0.1, 0.4])])
-    assert sp.is_class_specific(0.7, 0.0, [float(np.mean([0.1, 0.4]))])
+    assert not is_class_specific(0.7, 0.0, [max([0.1, 0.4])])
+    assert is_class_specific(0.7, 0.0, [float(np.mean([0.1, 0.4]))])
     _, _, _, model = tiny_world(tmp_path)
-    report = study_class(model, None, 10, (0,), "f1", {"f1": (0,)}, SuppressionConfig(control_seeds=3))
-    m = report["metrics"]
-    maxima = [m["random_latents_target_change_max"], m["random_direction_target_change_max"]]
-    assert maxima[0] >= m["random_latents_target_change_rate"] and maxima[1] >= m["random_direction_target_change_rate"]
-    assert m["specific"] == sp.is_class_specific(m["target_change_rate"], m["other_change_rate"], maxima)
-    for low, value, high in ((m["target_change_rate_ci_low"], m["target_change_rate"], m["target_change_rate_ci_high"]),
-                             (m["other_change_rate_ci_low"], m["other_change_rate"], m["other_change_rate_ci_high"])):
-        assert low <= value <= high
+    report = study_class(model, None, 10, Selection("f1", (0,)), {"f1": (0,)}, SuppressionSettings(control_seeds=3))
+    m = report.configured.patch
+    controls = (m.random_latents, m.random_direction)
+    assert all(c.target_change_max >= c.target_change_rate for c in controls)
+    assert m.specific == is_class_specific(m.target_change_rate, m.other_change_rate,
+                                           [c.target_change_max for c in controls])
+    for ci, value in ((m.target_change_rate_ci, m.target_change_rate), (m.other_change_rate_ci, m.other_change_rate)):
+        assert ci.low <= value <= ci.high
+    assert report.tuning.status == "no_tuning_images" and report.tuned is None
 
 
 def test_tuning_reads_only_the_tuning_images(tmp_path):
     """The tuned setting is a function of the tuning images alone: `tune` takes no validation data, and the study
     gives the same tuned setting whatever the validation set."""
     _, _, _, tuning = tiny_world(tmp_path / "tuning")
-    config = SuppressionConfig(control_seeds=2, n_latents=(1, 2), tuning_candidates=3)
+    config = SuppressionSettings(control_seeds=2, n_latents=(1, 2), tuning_candidates=3)
     rankings = {rule: (0, 4) for rule in ("f1", "activation_sum", "probe_aware")}
     tuned = tune(tuning, 10, rankings, config)
-    assert tuned["status"] == "tuned" and tuned["n_images"] == tuning.n_images == 3
-    assert {row["rule"] for row in tuned["sweep"]} == set(rankings) and len(tuned["per_rule"]) == 3
+    assert tuned.status == "tuned" and tuned.n_images == tuning.n_images == 3
+    assert {row.setting.rule for row in tuned.sweep} == set(rankings) and len(tuned.per_rule) == 3
+    assert tuned.chosen in tuned.per_rule.values() and tuned.chosen.random_latents is not None
     settings = []
     for name, relabel in (("validation", None), ("other", (21, 3))):
         _, _, _, validation = tiny_world(tmp_path / name)
         if relabel:  # another validation set: class 21's patches now labelled 3
             labels = validation.patch.labels_N
             labels[labels == relabel[0]] = relabel[1]
-        settings.append(study_class(validation, tuning, 10, (0,), "f1", rankings, config)["tuned"]["setting"])
-    assert settings[0] == settings[1] == tuned["setting"]
+        report = study_class(validation, tuning, 10, Selection("f1", (0,)), rankings, config)
+        settings.append(report.tuning.setting)
+        assert report.tuned.setting == report.tuning.setting and set(report.tuned_per_rule) == set(rankings)
+    assert settings[0] == settings[1] == tuned.setting

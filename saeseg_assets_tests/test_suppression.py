@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from saeseg_assets.core.data.cache import ActivationCache, CacheSettings, CacheWriter
+from saeseg_assets.core.data.cache import ActivationCache, CacheProvenance, CacheWriter
 from saeseg_assets.core.probe.metrics import (
     ConfusionMatrix,
     grid_logits,
@@ -16,23 +16,24 @@ from saeseg_assets.core.probe.metrics import (
     pixel_predictions,
 )
 from saeseg_assets.core.probe.model import Probe
-from saeseg_assets.core.report.study_report import (
-    dose_table,
-    json_safe,
-    oracle,
-    specific_counts,
-)
+from saeseg_assets.core.report.records import json_safe
+from saeseg_assets.core.report.results import DoseRow, Selection, Setting, SweepRow
+from saeseg_assets.core.report.summary import oracle, setting_counts
 from saeseg_assets.core.sae.model import Sae, SaeSpec
-from saeseg_assets.core.settings import MODES
-from saeseg_assets.core.study import suppression as sp
+from saeseg_assets.core.settings import MODES, SuppressionSettings
 from saeseg_assets.core.study.class_study import study_class
-from saeseg_assets.core.study.codes import compute_val_codes
+from saeseg_assets.core.study.codes import compute_codes
+from saeseg_assets.core.study.controls import control_draws, matched_latents, smallest
+from saeseg_assets.core.study.edit import edit_norms, edit_shift, edited_activations, latent_edit
+from saeseg_assets.core.study.examples import validation_crops
 from saeseg_assets.core.study.logit_shift import (
     ImageCounts,
     LogitShift,
     PatchBaseline,
     PixelBaseline,
 )
+from saeseg_assets.core.study.measures import is_class_specific
+from saeseg_assets.core.study.model import SuppressionModel
 
 QUIET = dict(log=lambda _: None)
 
@@ -40,7 +41,7 @@ QUIET = dict(log=lambda _: None)
 def write_val_cache(path, acts_BPD, labels_Bhw, patch_size=2) -> ActivationCache:
     n, p, d = acts_BPD.shape
     grid = int(round(p ** 0.5))
-    settings = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=patch_size * grid,
+    settings = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=patch_size * grid,
                              patch_size=patch_size, d_model=d, dataset_root="/nowhere", split="validation",
                              preprocessing="none", dtype="float32")
     writer = CacheWriter(path, settings, [f"val{i}" for i in range(n)], chunk_images=n)
@@ -79,11 +80,11 @@ def tiny_world(tmp_path):
         weight[label, j] = 1.0
     bias[1] = 0.5
     probe = Probe(weight, bias)
-    codes = compute_val_codes(sae, probe, cache, **QUIET)
+    codes = compute_codes(sae, probe, cache, **QUIET)
     max_act = np.array([2.9, 2.9, 2.9, 0.0, 0.0, 0.0])
     freq = np.array([0.33, 0.17, 0.17, 0.0, 0.0, 0.0])
     pixels = torch.from_numpy(cache.read("pixel_labels", 0, 3))
-    model = sp.SuppressionModel(sae.W_dec_SD.detach(), weight, max_act, freq, codes,
+    model = SuppressionModel(sae.W_dec_SD.detach(), weight, max_act, freq, codes,
                                 torch.from_numpy(labels).reshape(-1), pixels, cache.grid)
     return sae, probe, cache, model
 
@@ -96,19 +97,19 @@ def test_baseline_of_the_tiny_world(tmp_path):
 
 def test_a_latent_that_never_fires_with_scale_zero_changes_nothing(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
-    shift = sp.edit_shift(model, sp.latent_edit(model, (5,), 0.0, "every_token"))
+    shift = edit_shift(model, latent_edit(model, (5,), 0.0, "every_token"))
     assert not shift.shift_C.any() and len(shift.rows_M) == 0
     assert torch.equal(model.patch.predictions_after(shift), model.patch.pred_N)
     assert torch.equal(model.pixel.counts_after(model.patch, shift), model.pixel.counts_KK)
-    report = study(model, 10, (5,), sp.SuppressionConfig(scale=0.0, control_seeds=2))
-    assert report["metrics"]["target_change_rate"] == 0.0 and report["metrics"]["other_change_rate"] == 0.0
-    assert report["metrics"]["target_iou_after"] == report["metrics"]["target_iou_before"] == 1.0
+    m = study(model, 10, (5,), SuppressionSettings(scale=0.0, control_seeds=2)).configured
+    assert m.patch.target_change_rate == 0.0 and m.patch.other_change_rate == 0.0
+    assert m.pixels.target_iou_after == m.pixels.target_iou_before == 1.0 and m.pixels.target_iou_change == 0.0
 
 
 def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
     # Ablation: grass tokens keep only the error term 0.1 e0, whose grass logit 0.1 loses to the wall bias 0.5.
-    shift = sp.edit_shift(model, sp.latent_edit(model, (0,), 0.0, "every_token"))
+    shift = edit_shift(model, latent_edit(model, (0,), 0.0, "every_token"))
     after = model.patch.predictions_after(shift)
     changed = (after != model.patch.pred_N).nonzero().squeeze(1).tolist()
     fires = model.codes.column(0)[0].tolist()
@@ -117,14 +118,15 @@ def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_pa
     counts = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, shift))
     assert counts.iou()[10] == 0.0 and counts.accuracy()[3] == 1.0
     # At scale -2 every token gets -5.8 e0: only grass can lose, so the effect stays on grass.
-    report = study(model, 10, (0,), sp.SuppressionConfig(control_seeds=2))
-    m = report["metrics"]
-    assert (m["target_change_rate"], m["other_change_rate"], m["target_patch_accuracy"]) == (1.0, 0.0, 0.0)
-    assert (m["target_iou_before"], m["target_iou_after"], m["target_accuracy_after"]) == (1.0, 0.0, 0.0)
+    m = study(model, 10, (0,), SuppressionSettings(control_seeds=2)).configured
+    assert (m.patch.target_change_rate, m.patch.other_change_rate, m.patch.target_patch_accuracy) == (1.0, 0.0, 0.0)
+    assert (m.pixels.target_iou_before, m.pixels.target_iou_after, m.pixels.target_accuracy_after) == (1.0, 0.0, 0.0)
+    # v = -2 x the latent's largest training activation, 2.9.
+    assert m.latents == (0,) and abs(m.values[0] + 5.8) < 1e-6 and m.setting == Setting("f1", 1, "every_token", -2.0)
     # Former grass pixels are now called wall: only wall's IoU moves among the other classes.
-    moved = report["most_moved_other_classes"]
-    assert moved[0]["class_key"] == "001_wall" and moved[0]["iou_change"] < 0
-    assert all(row["iou_change"] == 0 for row in moved[1:])
+    moved = m.most_moved_other_classes
+    assert moved[0].class_key == "001_wall" and moved[0].iou_change < 0
+    assert all(row.iou_change == 0 for row in moved[1:])
 
 
 def test_shortcut_equals_the_explicit_form(tmp_path):
@@ -139,24 +141,24 @@ def test_shortcut_equals_the_explicit_form(tmp_path):
     acts = torch.randn(4, 9, d, generator=gen).numpy()
     labels = np.random.default_rng(0).choice([0, 3, 10], size=(4, 3, 3)).astype(np.uint8)
     cache = write_val_cache(tmp_path / "val.zarr", acts, labels)
-    codes = compute_val_codes(sae, probe, cache, **QUIET)
+    codes = compute_codes(sae, probe, cache, **QUIET)
     max_act = np.abs(np.random.default_rng(1).standard_normal(S)) + 1
     pixels = torch.from_numpy(cache.read("pixel_labels", 0, 4))
-    model = sp.SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, max_act, np.full(S, 0.1), codes,
+    model = SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, max_act, np.full(S, 0.1), codes,
                                 torch.from_numpy(labels).reshape(-1), pixels, 3)
     x_ND = torch.from_numpy(acts.reshape(-1, d))
     most_frequent = int(codes.indptr_S1.diff().argmax())
     latents = (most_frequent, *[i for i in (5, 11) if i != most_frequent])
     for mode in MODES:
         for scale in (-2.0, 0.0, 0.5):
-            edit = sp.latent_edit(model, latents, scale, mode)
+            edit = latent_edit(model, latents, scale, mode)
             with torch.no_grad():
-                explicit = sp.edited_activations(sae, x_ND, latents, edit.values_L, mode)
+                explicit = edited_activations(sae, x_ND, latents, edit.values_L, mode)
                 explicit_logits = explicit @ probe.weight_CD.T + probe.bias_C
                 delta = explicit - x_ND
-            shortcut = codes.logits_NC + sp.edit_shift(model, edit).dense(torch.arange(len(x_ND)))
+            shortcut = codes.logits_NC + edit_shift(model, edit).dense(torch.arange(len(x_ND)))
             torch.testing.assert_close(shortcut, explicit_logits, atol=1e-4, rtol=1e-5)
-            rest, norms_U = sp.edit_norms(model, edit)
+            rest, norms_U = edit_norms(model, edit)
             norms = torch.full((len(x_ND),), rest)
             norms[edit.tokens_U] = norms_U
             torch.testing.assert_close(norms, delta.norm(dim=1), atol=1e-4, rtol=1e-5)
@@ -198,22 +200,23 @@ def test_fast_evaluation_equals_full_recomputation():
 
 def test_controls_are_deterministic_and_frequency_matched(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
-    config = sp.SuppressionConfig(control_seeds=3, frequency_pool=1)
-    first, again = (sp.control_draws(model, 10, (0,), config) for _ in range(2))
+    config = SuppressionSettings(control_seeds=3, frequency_pool=1)
+    draws = lambda config: control_draws(model.frequency_S, 4, 10, (0,), config)  # noqa: E731
+    first, again = draws(config), draws(config)
     assert [r for r, _ in first] == [r for r, _ in again]
     assert all(torch.equal(u, v) for (_, u), (_, v) in zip(first, again))
     # Pool 1: the nearest other latent in firing frequency (0.33 -> 0.17, the lower id first).
     assert all(r == (1,) for r, _ in first)
     assert all(abs(float(u.norm()) - 1) < 1e-6 for _, u in first)
-    other_seed = sp.control_draws(model, 10, (0,), sp.SuppressionConfig(control_seeds=3, seed=1))
+    other_seed = draws(SuppressionSettings(control_seeds=3, seed=1))
     assert not all(torch.equal(u, v) for (_, u), (_, v) in zip(first, other_seed))
     freq = np.array([0.5, 0.01, 0.011, 0.2, 0.49, 0.009])
     rng = np.random.default_rng(0)
-    assert sp.matched_latents(freq, (1, 0), rng, pool=1) == (2, 4)
+    assert matched_latents(freq, (1, 0), rng, pool=1) == (2, 4)
 
 
 def test_class_specific_rule():
-    rule = sp.is_class_specific
+    rule = is_class_specific
     assert rule(0.6, 0.19, [0.3, 0.1])  # 0.6 >= 0.5, >= 3 x 0.19, >= 2 x 0.3
     assert not rule(0.49, 0.0, [0.0, 0.0])  # too few target patches change
     assert not rule(0.6, 0.21, [0.0, 0.0])  # less than 3x the other change rate
@@ -224,9 +227,10 @@ def test_class_specific_rule():
 def test_absent_and_unchosen_classes(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
     absent = study(model, 150, (0,))
-    assert absent["status"] == "absent_from_validation" and absent["target_pixels"] == 0
+    assert absent.status == "absent_from_validation" and absent.target_pixels == 0 and absent.configured is None
+    assert absent.class_key == "150_flag" and absent.setting == Setting("f1", 1, "every_token", -2.0)
     unchosen = study(model, 3, ())
-    assert unchosen["status"] == "no_latents"
+    assert unchosen.status == "no_latents" and not unchosen.specific and unchosen.dose_response == ()
 
 
 def test_json_safe_turns_non_finite_numbers_into_null():
@@ -234,22 +238,23 @@ def test_json_safe_turns_non_finite_numbers_into_null():
 
 
 def test_summary_counts_and_the_oracle_diagnostic():
-    def report(key, rows):
-        return {"class_key": key, "status": "evaluated", "dose_response": [
-            {"n_latents": 3, "mode": m, "scale": s, "target_change_rate": t, "other_change_rate": o, "specific": spec}
-            for m, s, t, o, spec in rows] + [{"n_latents": 5, "mode": "every_token", "scale": -2.0,
-                                              "target_change_rate": 1.0, "other_change_rate": 0.0}]}
-    reports = [report("010_grass", [("every_token", -2.0, 0.9, 0.5, False), ("where_active", -2.0, 0.8, 0.1, True)]),
-               report("003_floor", [("every_token", -2.0, 0.9, 0.6, False), ("where_active", -2.0, 0.7, 0.1, True)])]
-    counts = specific_counts(dose_table(reports))
+    def rows(key, cells):
+        return [DoseRow(key, SweepRow(Setting("f1", 3, m, s), 0, t, o, math.nan, specific=spec))
+                for m, s, t, o, spec in cells] + [DoseRow(key, SweepRow(Setting("f1", 5, "every_token", -2.0), 0,
+                                                                        1.0, 0.0, math.nan))]
+    dose = (rows("010_grass", [("every_token", -2.0, 0.9, 0.5, False), ("where_active", -2.0, 0.8, 0.1, True)])
+            + rows("003_floor", [("every_token", -2.0, 0.9, 0.6, False), ("where_active", -2.0, 0.7, 0.1, True)]))
+    counts = setting_counts(dose)
     # Only rows measured with their controls count; the row of 5 latents has none.
-    assert counts[["n_latents", "mode", "n_specific"]].values.tolist() == [[3, "every_token", 0], [3, "where_active", 2]]
-    assert oracle(counts) == {"n_specific_oracle": 2, "oracle_setting": "-2 x max, where_active, 3 latents"}
+    assert [(c.n_latents, c.mode, c.counts.n_specific) for c in counts] == [(3, "every_token", 0),
+                                                                             (3, "where_active", 2)]
+    assert counts[1].counts.mean_target_change_rate == 0.75 and counts[1].counts.mean_other_change_rate == 0.1
+    assert oracle(counts) == (2, "-2 x max, where_active, 3 latents")
 
 
-def study(model, class_index, latents, config=sp.SuppressionConfig(), tuning=None):
+def study(model, class_index, latents, config=SuppressionSettings(), tuning=None):
     """The study of one class on the tiny world, its ranking the given latents."""
-    return study_class(model, tuning, class_index, latents, "f1", {"f1": latents}, config)
+    return study_class(model, tuning, class_index, Selection("f1", latents), {"f1": latents}, config)
 
 
 def test_nearest_latents_by_partition_equal_a_stable_sort():
@@ -259,4 +264,12 @@ def test_nearest_latents_by_partition_equal_a_stable_sort():
         distance = rng.integers(0, 4, size).astype(float) if trial % 2 else rng.random(size)  # ties, or none
         distance[rng.random(size) < 0.2] = np.inf  # latents already taken
         expected = np.argsort(distance, kind="stable")[:n]
-        assert np.array_equal(sp._smallest(distance, n), expected[np.isfinite(distance[expected])]), trial
+        assert np.array_equal(smallest(distance, n), expected[np.isfinite(distance[expected])]), trial
+
+
+def test_an_unreadable_dataset_leaves_the_examples_blank_and_says_which_image_and_why(tmp_path):
+    messages = []
+    load = validation_crops(str(tmp_path / "moved"), 28, log=messages.append)
+    assert load("ADE_val_00000001") is None and load("ADE_val_00000002") is None
+    assert "ADE_val_00000001" in messages[0] and "cannot be read" in messages[0] and "moved" in messages[0]
+    assert "ADE_val_00000002" in messages[1] and len(messages) == 2

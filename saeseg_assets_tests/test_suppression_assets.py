@@ -25,16 +25,16 @@ from saeseg_assets.core.data.ade20k import list_split, load_sample, patch_labels
 from saeseg_assets.core.data.cache import (
     CACHE_FOLDER,
     ActivationCache,
-    CacheSettings,
+    CacheProvenance,
     CacheWriter,
 )
 from saeseg_assets.core.probe.model import Probe, save_probe
-from saeseg_assets.core.report.study_report import METRIC_NAMES
+from saeseg_assets.core.report.results import ClassReport, ClassTable, read_result
 from saeseg_assets.core.sae.model import Sae, SaeSpec, save_sae
-from saeseg_assets.core.store.artifacts import Spec
+from saeseg_assets.core.store.artifacts import OutputSpec
 from saeseg_assets.core.study.examples import load_examples
 from saeseg_assets.recipe import latest_key, latest_keys
-from saeseg_assets.resources import Backbone, Storage
+from saeseg_assets.resources import Compute, Storage
 from saeseg_assets_tests.conftest import (
     asset_metadata,
     record_artifact,
@@ -48,6 +48,12 @@ CLASSWISE = [class_latents, suppression_report]
 # The f1 rule (the default, named here so the test does not depend on it); with activation_sum, note that in a world
 # of 24 training tokens every latent fires on more than 1% of them, so all would count as dense.
 RUN_CONFIG = {"ops": {"class_latents": {"config": {"rule": "f1"}}}}
+# Figures of the configured setting every evaluated class's metadata shows, as numbers.
+METRIC_NAMES = ("target_iou_before", "target_iou_after", "target_accuracy_before", "target_accuracy_after",
+                "other_miou_before", "other_miou_after", "target_change_rate", "other_change_rate",
+                "random_latents_target_change_rate", "random_latents_other_change_rate",
+                "random_direction_target_change_rate", "random_direction_other_change_rate", "tpp_score",
+                "target_iou_change", "target_change_rate_ci_low", "random_direction_target_change_max")
 
 
 @dataclass
@@ -62,7 +68,7 @@ class World:
 
     def materialize(self, assets, **options) -> dg.ExecuteInProcessResult:
         return dg.materialize(assets, instance=self.instance, resources={"storage": self.storage,
-                                                                         "backbone": Backbone()}, **options)
+                                                                         "compute": Compute()}, **options)
 
 
 def write_world(root: Path, instance: dg.DagsterInstance) -> World:
@@ -73,7 +79,7 @@ def write_world(root: Path, instance: dg.DagsterInstance) -> World:
     rng = np.random.default_rng(0)
     for asset, split in (("train_activations", "training"), ("val_activations", "validation")):
         samples = list_split(dataset, split)
-        settings = CacheSettings(backbone="toy", backbone_source="toy", layer=0, crop_size=CROP, patch_size=PATCH,
+        settings = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=CROP, patch_size=PATCH,
                                  d_model=D_MODEL, dataset_root=str(dataset), split=split, preprocessing="toy",
                                  dtype="float32")
 
@@ -90,7 +96,7 @@ def write_world(root: Path, instance: dg.DagsterInstance) -> World:
                 writer.write_chunk(a, acts.astype(np.float32), labels, purity, pixels)
             writer.finish()
 
-        record_artifact(instance, storage, Spec(asset, 1, {"toy": split}), write_cache)
+        record_artifact(instance, storage, OutputSpec(asset, 1, {"toy": split}), write_cache)
     sae = Sae(SaeSpec("relu", D_MODEL, 12))
     W = torch.nn.functional.normalize(torch.randn(12, D_MODEL, generator=torch.Generator().manual_seed(0)), dim=1)
     W[:D_MODEL] = torch.eye(D_MODEL)
@@ -98,12 +104,12 @@ def write_world(root: Path, instance: dg.DagsterInstance) -> World:
         sae.W_dec_SD.copy_(W)
         sae.W_enc_SD.copy_(W)
         sae.b_enc_S.fill_(-0.5)
-    record_artifact(instance, storage, Spec("sae_weights", 1, {"toy": 1}),
+    record_artifact(instance, storage, OutputSpec("sae_weights", 1, {"toy": 1}),
                     lambda folder: save_sae(sae, folder, {"source": "test"}))
     weight, bias = torch.zeros(151, D_MODEL), torch.zeros(151)
     for label, slot in SLOTS.items():
         weight[label, slot] = 1.0
-    record_artifact(instance, storage, Spec("probe_checkpoint", 1, {"toy": 1}),
+    record_artifact(instance, storage, OutputSpec("probe_checkpoint", 1, {"toy": 1}),
                     lambda folder: save_probe(folder, Probe(weight, bias, {"source": "test"})))
     world = World(storage, instance)
     # baseline_metrics is an input of the reports in the graph, not in their files: a stand-in record suffices.
@@ -129,8 +135,9 @@ def test_one_class_and_an_absent_class(world):
     assert rankings["f1"]["latents"][0] == rankings["probe_aware"]["latents"][0] == SLOTS[10]
     assert rankings["activation_sum"]["latents"] == [] and "no latent scores above 0" in rankings["activation_sum"][
         "reason"]
-    report = json.loads((world.folder("suppression_report", "010_grass") / "report.json").read_text())
-    assert report["status"] == "evaluated" and report["latents"] == chosen["latents"]
+    report = read_result(world.folder("suppression_report", "010_grass") / "report.json", ClassReport)
+    assert report.status == "evaluated" and list(report.selection.latents) == chosen["latents"]
+    assert report.configured.latents == report.selection.latents and report.tuning.status == "tuned"
     meta = asset_metadata(result, "suppression_report", "010_grass")
     for name in (*METRIC_NAMES, "latents", "scale", "mode", "specific", "summary", "examples", "key", "tuned_mode",
                  "tuned_scale", "tuned_n_latents", "tuned_rule", "tuned_target_change_rate", "tuned_other_change_rate",
@@ -216,8 +223,8 @@ def test_partition_range_in_one_run_then_summary(world):
     folder = world.folder("suppression_summary")
     assert (folder / "summary.csv").exists() and meta["report_html"] == str(folder / "report.html")
     # The classes table: one row per evaluated class; every number of the metadata at 4 significant digits.
-    rows = json.loads((folder / "classes.json").read_text())
-    assert [r["class_key"] for r in rows] == evaluated
+    rows = read_result(folder / "classes.json", ClassTable).rows
+    assert [r.class_key for r in rows] == evaluated
     assert meta["classes"].splitlines()[0].startswith("| class | patches | target | other |")
     assert all(f"| {key} |" in meta["classes"] for key in evaluated)
     floats = [v for v in meta.values() if isinstance(v, float)]
@@ -284,10 +291,10 @@ def test_cli_partition_range_over_all_classes(tmp_path, monkeypatch):
     defs_file.write_text(textwrap.dedent(f"""
         import dagster as dg
         from saeseg_assets.assets import codes, latents, reports, summary
-        from saeseg_assets.resources import Backbone, Storage
+        from saeseg_assets.resources import Compute, Storage
         defs = dg.Definitions(assets=dg.load_assets_from_modules([latents, codes, reports, summary]),
                               resources={{"storage": Storage(data_dir={str(world.storage.root)!r}),
-                                         "backbone": Backbone()}})
+                                         "compute": Compute()}})
     """))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAESEG_", "DAGSTER_"))}
     env["DAGSTER_HOME"] = str(home)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from saeseg_assets.core.report.study_report import dose_markdown
+from saeseg_assets.core.report.results import Setting, SweepRow
 from saeseg_assets.core.report.tables import markdown_table
+from saeseg_assets.core.report.text import dose_markdown
 
 
 def test_numbers_flags_and_gaps_have_one_format():
@@ -29,9 +30,8 @@ def test_a_frame_with_chosen_columns_headers_and_a_row_limit():
 
 
 def test_the_dose_response_table_uses_it_with_short_headers():
-    report = {"dose_response": [{"n_latents": 3, "mode": "every_token", "scale": -2.0, "target_change_rate": 0.98765,
-                                 "other_change_rate": 0.0, "specific": True}]}
-    header, _, row = dose_markdown(report).splitlines()
+    row = SweepRow(Setting("f1", 3, "every_token", -2.0), 7, 0.98765, 0.0, float("nan"), specific=True)
+    header, _, line = dose_markdown((row,)).splitlines()
     assert header == ("| N | mode | scale | target change | other change | target patch acc. | rand. latents max | "
                       "rand. dir. max | specific |")
-    assert row == "| 3 | every_token | -2 | 0.9877 | 0 | - | - | - | yes |"
+    assert line == "| 3 | every_token | -2 | 0.9877 | 0 | - | - | - | yes |"

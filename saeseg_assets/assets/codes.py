@@ -13,7 +13,7 @@ def _codes(context, storage: Storage, compute: Compute, cache_asset: str, held_o
     from ..core.probe.model import load_probe
     from ..core.probe.sweep import tuning_spans
     from ..core.sae.model import load_sae
-    from ..core.study.codes import compute_val_codes, load_val_codes, save_val_codes
+    from ..core.study.codes import compute_codes, load_codes, save_codes
 
     recipe = Recipe(context, storage)
     _, sae_folder = recipe.folder("sae_weights")
@@ -26,11 +26,11 @@ def _codes(context, storage: Storage, compute: Compute, cache_asset: str, held_o
         if held_out and which.startswith("all training images"):
             context.log.warning(f"{cache.path} holds one chunk: tuning uses all training images, which the probe "
                                 "may have been trained on (never validation)")
-        codes = compute_val_codes(load_sae(sae_folder)[0], probe, cache, compute.device, log=context.log.info,
+        codes = compute_codes(load_sae(sae_folder)[0], probe, cache, compute.device, log=context.log.info,
                                   spans=spans)
         with out.write() as work:
-            save_val_codes(work, codes)
-    codes = load_val_codes(out.folder)
+            save_codes(work, codes)
+    codes = load_codes(out.folder)
     extra = {"n_images": sum(b - a for a, b in spans), "images": dg.MetadataValue.json([list(s) for s in spans])
              } if held_out else {}
     return out.result({**extra, "n_tokens": codes.n_tokens, "nonzero_codes": len(codes.values_M),

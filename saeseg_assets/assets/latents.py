@@ -7,18 +7,16 @@ import dagster as dg
 
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
-from ..core.settings import SelectionConfig, StatsConfig
+from ..core.settings import SelectionSettings, StatsSettings
 from ..partitions import CLASS_BACKFILL_POLICY, class_partitions
 from ..recipe import Recipe, stage
 from ..resources import Compute, Storage
 
-# The class's record is written by the rules' module, the gallery by the pictures'.
-CLASS_LATENTS_WRITERS = ("study.latent_stats",)  # TODO(recipe): rules and gallery modules
 CLASS_LATENTS_FILE = "class_latents.json"
 GALLERY_FILE = "gallery.png"
 
-LatentStatsConfig = launchpad_config("LatentStatsConfig", StatsConfig)
-ClassLatentsConfig = launchpad_config("ClassLatentsConfig", SelectionConfig)
+LatentStatsConfig = launchpad_config("LatentStatsConfig", StatsSettings)
+ClassLatentsConfig = launchpad_config("ClassLatentsConfig", SelectionSettings)
 
 
 @dg.asset(deps=stage("latent_stats", reads=("sae_weights", "train_activations"), writes=("study.latent_stats",)),
@@ -57,7 +55,8 @@ def latent_stats(context: dg.AssetExecutionContext, config: LatentStatsConfig, s
     })
 
 
-@dg.asset(deps=stage("class_latents", reads=("latent_stats", "probe_checkpoint"), writes=CLASS_LATENTS_WRITERS),
+@dg.asset(deps=stage("class_latents", reads=("latent_stats", "probe_checkpoint"),
+                     writes=("study.rules", "report.gallery")),
           partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY, group_name="latents",
           kinds={"json"}, automation_condition=DOWNSTREAM_CONDITION)
 def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig, storage: Storage) -> None:
@@ -66,18 +65,13 @@ def class_latents(context: dg.AssetExecutionContext, config: ClassLatentsConfig,
     list and the reason."""
     from ..core.data.ade20k import class_by_key
     from ..core.probe.model import load_probe
+    from ..core.report.gallery import class_gallery_png
     from ..core.report.pictures import png_markdown
-    from ..core.report.study_pictures import class_gallery_png
     from ..core.sae.model import load_sae
     from ..core.settings import RULES
     from ..core.store.artifacts import write_atomic
-    from ..core.study.latent_stats import (
-        class_latents_record,
-        load_latent_stats,
-        margin_effects,
-        select_class_latents,
-        top_patches,
-    )
+    from ..core.study.latent_stats import load_latent_stats, top_patches
+    from ..core.study.rules import class_latents_record, margin_effects, select_class_latents
 
     recipe = Recipe(context, storage)
     stats_key, stats_folder = recipe.folder("latent_stats")

@@ -6,11 +6,11 @@ from pydantic import Field
 
 from ..automation import DOWNSTREAM_CONDITION
 from ..config import launchpad_config
-from ..core.settings import SweepConfig
+from ..core.settings import SweepSettings
 from ..recipe import Recipe, checkpoint_import, stage
 from ..resources import Checkpoints, Compute, Storage
 
-ProbeConfig = launchpad_config("ProbeConfig", SweepConfig, import_path=(str, Field(
+ProbeConfig = launchpad_config("ProbeConfig", SweepSettings, import_path=(str, Field(
     default="", description="Probe checkpoint to import instead of training: a folder or probe.safetensors/.json of "
     "ours, or a reference .pt file. Empty means the checkpoints resource (env SAESEG_PROBE_CHECKPOINT), then the drop "
     "folder data/checkpoints/probe/; where none holds a checkpoint, the probe is trained here. Default: ''.")))

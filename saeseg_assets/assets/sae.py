@@ -8,13 +8,11 @@ import dagster as dg
 from pydantic import Field
 
 from ..config import launchpad_config
-from ..core.settings import TrainConfig
+from ..core.settings import TrainSettings
 from ..recipe import Recipe, checkpoint_import, stage
 from ..resources import Checkpoints, Compute, Storage
 
-EVALUATION_FILE = "evaluation.json"  # transitional, for checks.py
-
-SaeConfig = launchpad_config("SaeConfig", TrainConfig, import_path=(str, Field(
+SaeConfig = launchpad_config("SaeConfig", TrainSettings, import_path=(str, Field(
     default="", description="SAE checkpoint to import instead of training: a folder or sae.safetensors/sae.json of "
     "ours, an SAELens folder (cfg.json + sae_weights.safetensors), or a saev sae.pt of any layout. Empty means the "
     "checkpoints resource (env SAESEG_SAE_CHECKPOINT), then the drop folder data/checkpoints/sae/; where none holds a "
@@ -27,7 +25,8 @@ SaeConfig = launchpad_config("SaeConfig", TrainConfig, import_path=(str, Field(
 
 @dg.asset(deps=stage("sae_weights", reads=("train_activations", "val_activations"),
                      writes=("sae.model", "sae.evaluation", "sae.saelens_export")),
-          group_name="sae", kinds={"pytorch", "safetensors"}, pool="gpu", backfill_policy=dg.BackfillPolicy.single_run())
+          group_name="sae", kinds={"pytorch", "safetensors"}, pool="gpu",
+          backfill_policy=dg.BackfillPolicy.single_run())
 def sae_weights(context: dg.AssetExecutionContext, config: SaeConfig, storage: Storage, checkpoints: Checkpoints,
                 compute: Compute) -> dg.MaterializeResult:
     """The sparse autoencoder on the backbone's activations: trained (resumed after a crash) or imported, and

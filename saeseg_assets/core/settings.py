@@ -14,16 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DENSE_FREQUENCY = 1e-2
 # Gao et al. (2024) call a latent dead after 10M tokens without firing; small caches need a shorter window.
 MAX_DEAD_TOKENS = 10_000_000
-ARCHITECTURES = ("topk", "relu", "batchtopk")  # those trained here; imports may also bring jumprelu
+TRAINED_ARCHITECTURES = ("topk", "relu", "batchtopk")  # imports may also bring jumprelu (sae.model.ARCHITECTURES)
 TARGETS = ("soft", "majority")
 RULES = ("f1", "activation_sum", "probe_aware")
 MODES = ("every_token", "where_active")
-DEVICE_DOC = "Compute device, 'cpu' or 'cuda'; empty means the backbone resource's device (env SAESEG_DEVICE)."
 
 
-class Settings(BaseModel):
-    """A frozen record of settings. `identity()` is what decides the output: operational fields (device, logging,
-    block sizes that change speed only) are left out of it, so changing them reuses what exists."""
+class StageSettings(BaseModel):
+    """A frozen record of settings. `identity()` is what decides the output: operational fields (logging, block
+    sizes that change speed only) are left out of it, so changing them reuses what exists. The device is not a
+    setting of a stage: it is the pipeline's (env SAESEG_DEVICE), passed to the core functions that compute."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
@@ -32,13 +32,13 @@ class Settings(BaseModel):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.OPERATIONAL}
 
 
-class TrainConfig(Settings):
+class TrainSettings(StageSettings):
     """How the SAE is trained on the training activations (defaults fit the embedded demo)."""
 
     # The demo's defaults, k = 48 over 8 passes, were chosen by held-out FVU on its validation cache (the
     # sae_fvu_within_bound check, <= 0.2): 0.181, where k = 32 over 10 passes gave 0.211 (training FVU 0.07: the
     # images differ between the splits, and a larger k generalizes where a smaller expansion or fewer passes did not).
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device", "log_every_steps", "save_every_s"})
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"log_every_steps", "save_every_s"})
     _TOPK_ONLY: ClassVar[tuple[str, ...]] = ("k", "aux_k", "aux_coeff", "dead_tokens")
     _RELU_ONLY: ClassVar[tuple[str, ...]] = ("l1_coeff",)
 
@@ -67,15 +67,14 @@ class TrainConfig(Settings):
     buffer_images: int = Field(64, description="Images whose tokens are mixed in the shuffle buffer; memory is about "
                                "buffer_images x patches x d_model x 2 bytes.")
     bf16: bool = Field(False, description="Whether the encoder matmul runs under bf16 autocast (meant for cuda).")
-    device: str = Field("", description=DEVICE_DOC)
     log_every_steps: int = Field(50, description="Optimizer steps between progress lines (tokens/s, loss, FVU, L0).")
     save_every_s: float = Field(60.0, description="Seconds between saves of the trainer state, from which a killed "
                                 "run resumes.")
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture {self.architecture!r}: expected one of {ARCHITECTURES}")
+    def _check(self) -> TrainSettings:
+        if self.architecture not in TRAINED_ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r}: expected one of {TRAINED_ARCHITECTURES}")
         if min(self.expansion, self.batch_size, self.train_tokens, self.buffer_images) < 1:
             raise ValueError("expansion, batch_size, train_tokens and buffer_images must be at least 1")
         return self
@@ -89,10 +88,8 @@ class TrainConfig(Settings):
         return {k: v for k, v in super().identity().items() if k not in ignored}
 
 
-class SweepConfig(Settings):
+class SweepSettings(StageSettings):
     """How the linear probe is trained: one head per (learning rate, weight decay) pair, all on the same batches."""
-
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device"})
 
     lrs: tuple[float, ...] = Field((3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                                    description="AdamW learning rates of the sweep (the reference's grid).")
@@ -106,10 +103,9 @@ class SweepConfig(Settings):
     target: str = Field("soft", description="Training target per patch: 'soft' is its pixel-label shares (per-pixel "
                         "cross-entropy), 'majority' its majority label; label 0 is ignored either way.")
     buffer_images: int = Field(256, description="Images whose tokens are mixed in the shuffle buffer; bounds memory.")
-    device: str = Field("", description=DEVICE_DOC)
 
     @model_validator(mode="after")
-    def _check(self) -> SweepConfig:
+    def _check(self) -> SweepSettings:
         problems = []
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             problems.append(f"lrs must be positive, got {list(self.lrs)}")
@@ -130,20 +126,19 @@ class SweepConfig(Settings):
         return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
 
 
-class StatsConfig(Settings):
+class StatsSettings(StageSettings):
     """How the one statistics pass of the SAE over the training activations runs."""
 
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"device", "block_images"})
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"block_images"})
 
     purity: float = Field(0.9, description="A patch is pure when at least this share of its pixels carries its "
                           "majority label; the f1 rule scores on pure patches only.")
     top_patches: int = Field(8, description="Top-activating training patches kept per latent, each from another "
                              "image, for the galleries.")
     block_images: int = Field(16, description="Images encoded per step.")
-    device: str = Field("", description=DEVICE_DOC)
 
 
-class SelectionConfig(Settings):
+class SelectionSettings(StageSettings):
     """How each class's latents are chosen from the latent statistics."""
 
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"gallery_patches"})
@@ -160,7 +155,7 @@ class SelectionConfig(Settings):
     gallery_patches: int = Field(6, description="Top-activating training patches shown per latent in the gallery.")
 
     @model_validator(mode="after")
-    def _check(self) -> SelectionConfig:
+    def _check(self) -> SelectionSettings:
         if self.rule not in RULES:
             raise ValueError(f"selection rule {self.rule!r}: expected one of {RULES}")
         if self.k < 1 or self.ranked < self.k:
@@ -168,7 +163,7 @@ class SelectionConfig(Settings):
         return self
 
 
-class SuppressionConfig(Settings):
+class SuppressionSettings(StageSettings):
     """The configured suppression, its controls, the dose-response sweep and the class-specificity rule."""
 
     scale: float = Field(-2.0, description="Each chosen latent is set to scale x its largest activation over the "
@@ -199,7 +194,7 @@ class SuppressionConfig(Settings):
                                   "single control draw (random latents or random direction, over all seeds).")
 
     @model_validator(mode="after")
-    def _check(self) -> SuppressionConfig:
+    def _check(self) -> SuppressionSettings:
         for mode in (self.mode, *self.dose_modes):
             if mode not in MODES:
                 raise ValueError(f"suppression mode {mode!r}: expected one of {MODES}")
@@ -213,7 +208,7 @@ class SuppressionConfig(Settings):
             raise ValueError("suppression scales must be finite numbers")
         return self
 
-    def settings(self) -> list[tuple[str, float]]:
+    def dose_grid(self) -> list[tuple[str, float]]:
         """(mode, scale) of the dose-response, with the configured setting included."""
         grid = [(m, float(s)) for m in self.dose_modes for s in self.dose_scales]
         return grid if (self.mode, self.scale) in grid else [*grid, (self.mode, float(self.scale))]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..store.artifacts import Spec, write_atomic
+from ..store.artifacts import OutputSpec, write_atomic
 
 FORMAT_VERSION = 1
 CACHE_FOLDER = "activations.zarr"  # the cache inside its artifact folder
@@ -28,7 +28,7 @@ class CacheError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class CacheSettings:
+class CacheProvenance:
     """Everything that decides a cache's contents; two caches with equal settings hold equal data."""
 
     backbone: str
@@ -52,9 +52,9 @@ class CacheSettings:
         return self.grid * self.grid
 
 
-def fingerprint(settings: CacheSettings, image_ids: Sequence[str]) -> str:
+def fingerprint(settings: CacheProvenance, image_ids: Sequence[str]) -> str:
     """A short content key: equal for caches that must hold equal data."""
-    return Spec("activations", FORMAT_VERSION, {**asdict(settings), "image_ids": list(image_ids)}).key
+    return OutputSpec("activations", FORMAT_VERSION, {**asdict(settings), "image_ids": list(image_ids)}).key
 
 
 class CacheWriter:
@@ -64,7 +64,7 @@ class CacheWriter:
     resumes at the last complete chunk. `path` lies in a folder the artifact store publishes once the cache is done.
     """
 
-    def __init__(self, path: Path, settings: CacheSettings, image_ids: Sequence[str], chunk_images: int = 16):
+    def __init__(self, path: Path, settings: CacheProvenance, image_ids: Sequence[str], chunk_images: int = 16):
         self.path = Path(path)
         self.settings = settings
         self.image_ids = list(image_ids)
@@ -164,9 +164,9 @@ class ActivationCache:
         return self.n_images * self.n_patches
 
     @property
-    def settings(self) -> CacheSettings:
-        fields = CacheSettings.__dataclass_fields__
-        return CacheSettings(**{k: self.attrs[k] for k in fields if k in self.attrs})
+    def settings(self) -> CacheProvenance:
+        fields = CacheProvenance.__dataclass_fields__
+        return CacheProvenance(**{k: self.attrs[k] for k in fields if k in self.attrs})
 
     def image_ids(self) -> list[str]:
         return [str(x) for x in self.group["image_ids"][:]]
@@ -301,7 +301,8 @@ def check_same_dataset(train: ActivationCache, val: ActivationCache) -> None:
     # Caches made without a dataset fingerprint (synthetic ones) are told apart by their dataset root.
     datasets = [c.attrs.get("dataset_fingerprint") or c.attrs.get("dataset_root") for c in (train, val)]
     if datasets[0] != datasets[1]:
-        described = (f"{c.path} (dataset {d} under {c.attrs.get('dataset_root')})" for c, d in zip((train, val), datasets))
+        described = (f"{c.path} (dataset {d} under {c.attrs.get('dataset_root')})"
+                     for c, d in zip((train, val), datasets))
         raise CacheError(f"{next(described)} and {next(described)} were recorded from different datasets: materialize "
                          "train_activations and val_activations together, so that both come from the dataset as it is "
                          "now")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .ade20k import Sample, describe_preprocessing, load_sample, patch_labels
 from .backbone import Backbone
-from .cache import CacheSettings, CacheWriter
+from .cache import CacheProvenance, CacheWriter
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class RecordingSummary:
 
 
 def cache_settings(backbone: Backbone, layer: int, crop_size: int, dataset_root: Path, split: str,
-                   dtype: str = "float16", dataset_fingerprint: str = "") -> CacheSettings:
+                   dtype: str = "float16", dataset_fingerprint: str = "") -> CacheProvenance:
     info = backbone.info
     if crop_size % info.patch_size:
         raise ValueError(f"crop_size {crop_size} is not a multiple of the backbone's patch size {info.patch_size}")
-    return CacheSettings(backbone=info.name, backbone_source=info.source, layer=backbone.resolve_layer(layer),
+    return CacheProvenance(backbone=info.name, backbone_source=info.source, layer=backbone.resolve_layer(layer),
                          crop_size=crop_size, patch_size=info.patch_size, d_model=info.d_model,
                          dataset_root=str(dataset_root), split=split,
                          preprocessing=describe_preprocessing(crop_size), dtype=dtype,
@@ -48,7 +48,7 @@ def _gather(futures) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheSettings, out_path: Path,
+def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheProvenance, out_path: Path,
                  chunk_images: int = 16, log: Callable[[str], None] = print,
                  log_every_s: float = 10.0) -> RecordingSummary:
     """Records `samples` into the cache at `out_path`, resuming an interrupted recording of the same settings."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import ActivationCache, CacheSettings, CacheWriter
+from .cache import ActivationCache, CacheProvenance, CacheWriter
 
 
 def write_sparse_cache(path: Path, n_images: int = 32, grid: int = 8, d_model: int = 32, n_features: int = 128,
@@ -28,7 +28,7 @@ def write_sparse_cache(path: Path, n_images: int = 32, grid: int = 8, d_model: i
     popularity_F = dict_rng.pareto(1.5, n_features) + 1.0
     popularity_F /= popularity_F.sum()
     n_patches = grid * grid
-    settings = CacheSettings(backbone="synthetic", backbone_source=f"sparse:{dictionary_seed}", layer=0,
+    settings = CacheProvenance(backbone="synthetic", backbone_source=f"sparse:{dictionary_seed}", layer=0,
                              crop_size=2 * grid, patch_size=2, d_model=d_model, dataset_root="synthetic",
                              split=split, preprocessing=f"seed={seed},active={active},noise={noise}")
     writer = CacheWriter(Path(path), settings, [f"{split}_{i:05d}" for i in range(n_images)], chunk_images)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ..data.cache import ActivationCache, Span, chunk_spans, token_batches
-from ..settings import SweepConfig
+from ..settings import SweepSettings
 from .evaluation import evaluate_heads
 from .metrics import (
     N_OUTPUTS,
@@ -54,7 +54,7 @@ def majority_targets(patch_labels_Bhw: np.ndarray) -> np.ndarray:
     return targets_NC
 
 
-def target_field(config: SweepConfig, grid: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+def target_field(config: SweepSettings, grid: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     """The cache field the configured target comes from, and what turns its per-image arrays into targets [N, 151]."""
     if config.target == "soft":
         return "pixel_labels", lambda pixel_labels_BHW: pixel_share_targets(pixel_labels_BHW, grid)
@@ -84,7 +84,7 @@ def sweep_losses(W_HCD: torch.Tensor, b_HC: torch.Tensor, acts_ND: torch.Tensor,
     return -(logits_HNC.log_softmax(dim=-1) * targets_NC).sum(dim=(1, 2)) / targets_NC.sum().clamp_min(1e-12)
 
 
-def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConfig, device: str = "cpu",
+def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepSettings, device: str = "cpu",
                 log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trains one head per (lr, weight decay) of `config` with AdamW on the same batches of `spans`.
 
@@ -121,7 +121,7 @@ def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepConf
     return torch.stack(weights).detach(), torch.stack(biases).detach(), loss_H
 
 
-def train_sweep(cache: ActivationCache, config: SweepConfig, device: str = "cpu",
+def train_sweep(cache: ActivationCache, config: SweepSettings, device: str = "cpu",
                 log: Callable[[str], None] = print) -> SweepResult:
     """Trains every head on the training spans of the cache (`train_heads`), selects by held-out pixel mIoU."""
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def tuning_spans(probe: Probe, cache: ActivationCache) -> tuple[list[Span], str]
     cache of one chunk, all of it (nothing can be held out; the probe may have been trained on it)."""
     if held := probe.meta.get("held_out_images"):
         return [(int(a), int(b)) for a, b in held], "the chunks the probe sweep held out"
-    default = SweepConfig()
+    default = SweepSettings()
     try:
         return split_held_out(cache, default.held_out_fraction, default.seed)[1], "the probe sweep's draw"
     except ValueError:

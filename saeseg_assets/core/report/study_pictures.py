@@ -1,5 +1,5 @@
-"""Figures of the class-latent and suppression assets: latent galleries, prediction examples in a fixed ADE colour
-palette, dose-response curves and the summary's headline plots. Each returns PNG bytes (see `pictures`)."""
+"""Figures of the suppression study: prediction examples in a fixed ADE colour palette, dose-response and
+latent-count curves, and the summary's plots, drawn from its typed results. Each returns PNG bytes (see `pictures`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import colorsys
 import numpy as np
 
 from .pictures import figure_png, plt
+from .results import SettingCount, SpecificityGrid, SummaryRow, SweepRow
+
+FORMAT_VERSION = 1  # of the PNG pictures drawn here (a class's and the summary's)
 
 
 def ade_palette() -> np.ndarray:
@@ -24,47 +27,6 @@ def ade_palette() -> np.ndarray:
 
 def colourize(labels_HW: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     return (ade_palette() if palette is None else palette)[np.asarray(labels_HW, dtype=np.int64)]
-
-
-def patch_crop(image_HW3: np.ndarray, patch: int, grid: int, patch_size: int, context: int = 2
-               ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """The patch with `context` patches around it (clipped at the border), and the patch's box in the crop."""
-    row, col = divmod(patch, grid)
-    top, left = max(0, row - context) * patch_size, max(0, col - context) * patch_size
-    bottom = min(grid, row + context + 1) * patch_size
-    right = min(grid, col + context + 1) * patch_size
-    return image_HW3[top:bottom, left:right], (col * patch_size - left, row * patch_size - top, patch_size, patch_size)
-
-
-def latent_gallery_png(rows: list[tuple[str, list[tuple[np.ndarray | None, tuple[int, int, int, int], str]]]],
-                       title: str) -> bytes:
-    """One row per latent: its label, then tiles (crop or None, patch box, caption) with the patch outlined."""
-    n_cols = max([len(tiles) for _, tiles in rows] + [1])
-    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.7 * n_cols, 1.95 * max(len(rows), 1)),
-                             squeeze=False)
-    for r, (label, tiles) in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(tiles):
-                ax.axis("off")
-                continue
-            crop, (x, y, w, h), caption = tiles[c]
-            if crop is None:
-                ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=9)
-            else:
-                ax.imshow(crop)
-                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="red", linewidth=1.5))
-            ax.set_title(caption, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=10)
-    if not rows:
-        axes[0][0].text(0.5, 0.5, "no latents", ha="center", va="center")
-        axes[0][0].axis("off")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return figure_png(fig)
 
 
 def class_names(indices) -> dict[int, str]:
@@ -170,26 +132,27 @@ def examples_png(arrays: dict[str, np.ndarray], class_key: str, settings: dict[s
                             f"pixels, before and after suppression\n{described}")
 
 
-def dose_response_png(rows: list[dict], title: str) -> bytes:
+def dose_response_png(rows: list[SweepRow], title: str) -> bytes:
     """Per mode, change rates and target patch accuracy against the scale, with both controls dashed; scales where
     the class counts as class-specific are shaded."""
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    modes = list(dict.fromkeys(r.setting.mode for r in rows))
     fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(5.0 * max(len(modes), 1), 3.8), squeeze=False)
-    series = [("target_change_rate", "target change", "tab:red", "-"),
-              ("other_change_rate", "other change", "tab:blue", "-"),
-              ("target_patch_accuracy", "target patch acc.", "tab:green", ":"),
-              ("random_latents_target_change_rate", "random latents: target change", "tab:orange", "--"),
-              ("random_direction_target_change_rate", "random direction: target change", "tab:purple", "--")]
+    series = [(lambda r: r.target_change_rate, "target change", "tab:red", "-"),
+              (lambda r: r.other_change_rate, "other change", "tab:blue", "-"),
+              (lambda r: r.target_patch_accuracy, "target patch acc.", "tab:green", ":"),
+              (lambda r: r.random_latents.target_change_rate if r.random_latents else np.nan,
+               "random latents: target change", "tab:orange", "--"),
+              (lambda r: r.random_direction.target_change_rate if r.random_direction else np.nan,
+               "random direction: target change", "tab:purple", "--")]
     for ax, mode in zip(axes[0], modes):
-        sub = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["scale"])
-        scales = [r["scale"] for r in sub]
-        for key, label, colour, style in series:
-            ax.plot(scales, [np.nan if r.get(key) is None else r[key] for r in sub], style, color=colour,
-                    marker="o", markersize=4, label=label)
+        sub = sorted((r for r in rows if r.setting.mode == mode), key=lambda r: r.setting.scale)
+        scales = [r.setting.scale for r in sub]
+        for value, label, colour, style in series:
+            ax.plot(scales, [value(r) for r in sub], style, color=colour, marker="o", markersize=4, label=label)
         # A band from halfway to each neighbouring scale, so a single specific scale is plainly visible.
         edges = [scales[0] - 0.25, *((a + b) / 2 for a, b in zip(scales, scales[1:])), scales[-1] + 0.25]
         for i, r in enumerate(sub):
-            if r.get("specific"):
+            if r.specific:
                 ax.axvspan(edges[i], edges[i + 1], color="tab:green", alpha=0.15, linewidth=0)
         ax.set_title(mode.replace("_", " "), fontsize=11)
         ax.set_xlabel("scale (x max activation)", fontsize=10)
@@ -198,7 +161,7 @@ def dose_response_png(rows: list[dict], title: str) -> bytes:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share of patches", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    any_specific = any(r.get("specific") for r in rows)
+    any_specific = any(r.specific for r in rows)
     handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.15))
     labels.append("shaded: class-specific" if any_specific else "class-specific at no scale (would be shaded)")
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=10, frameon=False)
@@ -207,14 +170,17 @@ def dose_response_png(rows: list[dict], title: str) -> bytes:
     return figure_png(fig)
 
 
-def latent_count_png(rows: list[dict], scale: float, title: str) -> bytes:
+def latent_count_png(rows: list[SweepRow], scale: float, title: str) -> bytes:
     """Target and other change rates against the number of suppressed latents, at one scale, one line per mode."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode, style in zip(dict.fromkeys(r["mode"] for r in rows), ("-", "--")):
-        sub = sorted((r for r in rows if r["mode"] == mode and r["scale"] == scale), key=lambda r: r["n_latents"])
-        for key, colour in (("target_change_rate", "tab:red"), ("other_change_rate", "tab:blue")):
-            ax.plot([r["n_latents"] for r in sub], [np.nan if r.get(key) is None else r[key] for r in sub], style,
-                    color=colour, marker="o", markersize=4, label=f"{key.split('_')[0]} change, {mode}")
+    for mode, style in zip(dict.fromkeys(r.setting.mode for r in rows), ("-", "--")):
+        sub = sorted((r for r in rows if r.setting.mode == mode and r.setting.scale == scale),
+                     key=lambda r: r.setting.n_latents)
+        n_latents = [r.setting.n_latents for r in sub]
+        ax.plot(n_latents, [r.target_change_rate for r in sub], style, color="tab:red", marker="o", markersize=4,
+                label=f"target change, {mode}")
+        ax.plot(n_latents, [r.other_change_rate for r in sub], style, color="tab:blue", marker="o", markersize=4,
+                label=f"other change, {mode}")
     ax.set_xscale("log")
     ax.set_xlabel("latents suppressed (top N of the ranking)", fontsize=10)
     ax.set_ylabel("share of patches changed", fontsize=10)
@@ -226,10 +192,15 @@ def latent_count_png(rows: list[dict], scale: float, title: str) -> bytes:
     return figure_png(fig)
 
 
-def change_rates_png(keys: list[str], target: list[float], other: list[float], random_latents: list[float],
-                     random_direction: list[float], specific: list[bool], title: str) -> bytes:
-    """Per class: target change rate (dot, filled when class-specific), other change rate, and both controls'
-    target change rates, side by side."""
+def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:
+    """Per class at the configured setting: target change rate (dot, filled when class-specific), other change rate,
+    and both controls' target change rates, side by side."""
+    keys = [r.class_key for r in rows]
+    patch = [r.configured.patch for r in rows]
+    target, other = [p.target_change_rate for p in patch], [p.other_change_rate for p in patch]
+    random_latents = [p.random_latents.target_change_rate for p in patch]
+    random_direction = [p.random_direction.target_change_rate for p in patch]
+    specific = [r.configured.specific for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(keys) + 2), 4.4))
     x = np.arange(len(keys))
     ax.scatter(x, target, color="tab:red", label="target change", zorder=3,
@@ -247,12 +218,12 @@ def change_rates_png(keys: list[str], target: list[float], other: list[float], r
     return figure_png(fig)
 
 
-def specific_counts_png(counts: list[dict], n_classes: int, title: str) -> bytes:
+def specific_counts_png(counts: list[SettingCount], n_classes: int, title: str) -> bytes:
     """Number of class-specific classes against the scale, one line per mode."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode in dict.fromkeys(r["mode"] for r in counts):
-        sub = sorted((r for r in counts if r["mode"] == mode), key=lambda r: r["scale"])
-        ax.plot([r["scale"] for r in sub], [r["n_specific"] for r in sub], marker="o", label=mode)
+    for mode in dict.fromkeys(c.mode for c in counts):
+        sub = sorted((c for c in counts if c.mode == mode), key=lambda c: c.scale)
+        ax.plot([c.scale for c in sub], [c.counts.n_specific for c in sub], marker="o", label=mode)
     ax.set_xlabel("scale (x max activation)", fontsize=10)
     ax.set_ylabel(f"class-specific classes (of {n_classes})", fontsize=10)
     ax.set_ylim(-0.3, max(n_classes, 1) + 0.3)
@@ -265,29 +236,11 @@ def specific_counts_png(counts: list[dict], n_classes: int, title: str) -> bytes
     return figure_png(fig)
 
 
-def class_gallery_png(top_by_latent: list[tuple[int, list[tuple[int, int, float]]]], load_image, grid: int,
-                      patch_size: int, title: str) -> bytes:
-    """Gallery of each latent's top-activating training patches; `load_image(image index)` gives the RGB crop or
-    None, `top_by_latent` lists (latent, [(image, patch, value), ...])."""
-    rows = []
-    for latent, tops in top_by_latent:
-        tiles = []
-        for image_index, patch, value in tops:
-            image = load_image(image_index)
-            if image is None:
-                tiles.append((None, (0, 0, 0, 0), f"img {image_index} p{patch}: {value:.3g}"))
-                continue
-            crop, box = patch_crop(image, patch, grid, patch_size)
-            tiles.append((crop, box, f"img {image_index} p{patch}: {value:.3g}"))
-        rows.append((f"latent {latent}", tiles))
-    return latent_gallery_png(rows, title)
-
-
-def specificity_heatmap_png(rows: list[str], columns: list[str], specific: list[list], target: list[list],
-                            title: str, groups: list[tuple[str, int, int]] = ()) -> bytes:
+def specificity_heatmap_png(grid: SpecificityGrid) -> bytes:
     """Classes (rows) by settings (columns): green where the class counts as class-specific, grey where not, blank
-    where not measured; each cell shows the target change rate. `groups`: (label, first column, end) drawn above the
-    columns and parted by lines (e.g. the sweep per mode, then the tuned settings per rule)."""
+    where not measured; each cell shows the target change rate. The grid's groups are drawn above the columns and
+    parted by lines (e.g. the sweep per mode, then the tuned settings per rule)."""
+    rows, columns, specific, target = grid.rows, grid.columns, grid.specific, grid.target
     fig, ax = plt.subplots(figsize=(2.2 + 0.62 * max(len(columns), 1), 2.2 + 0.36 * max(len(rows), 1)))
     colours = {True: (0.6, 0.85, 0.55), False: (0.88, 0.88, 0.88), None: (1.0, 1.0, 1.0)}
     image = np.array([[colours[None if v is None else bool(v)] for v in line] for line in specific] or
@@ -304,13 +257,13 @@ def specificity_heatmap_png(rows: list[str], columns: list[str], specific: list[
     ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.5)
     ax.tick_params(which="minor", length=0)
-    for label, start, end in groups:
+    for label, start, end in grid.groups:
         ax.text((start + end - 1) / 2, -0.7, label, ha="center", va="bottom", fontsize=10)
         if start > 0:
             ax.axvline(start - 0.5, color="black", linewidth=2)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[v], edgecolor="grey") for v in (True, False)]
     fig.legend(handles, ["class-specific", "not class-specific (numbers: target change rate)"], loc="lower center",
                ncol=2, fontsize=9, frameon=False)
-    ax.set_title(title, fontsize=11, pad=24)
+    ax.set_title(grid.title, fontsize=11, pad=24)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return figure_png(fig)

@@ -12,7 +12,12 @@ from .html import (
     paragraph,
     png_img,
 )
-from .study_report import CLASS_COLUMNS, CLASS_TABLE_NOTE, report_markdown
+from .records import flat
+from .results import ClassReport, ClassRow, RuleRow, SettingCount, StudySummary
+from .tables import record_markdown
+from .text import CLASS_TABLE_NOTE, report_markdown
+
+FORMAT_VERSION = 1  # of report.html
 
 REPORT_HTML = "report.html"
 # Picture names of the summary and of a class, with their headings in the page.
@@ -24,37 +29,37 @@ CLASS_PICTURES = {"examples": "Examples", "dose_response": "Dose-response", "lat
 PHOTOS = {"class_examples", "examples", "gallery"}  # inlined as JPEG: a fraction of the size, as sharp to the eye
 
 
-def summary_html(figures: dict, rows: list[dict], tables: dict[str, list[dict]], pictures: dict[str, bytes],
-                 reports: list[dict], class_pictures: dict[str, dict[str, bytes]]) -> str:
-    """`figures`: the summary's numbers with `result` (the headline) first; `rows`: `class_rows`; `tables`: further
-    titled tables (per rule, per setting); `pictures`: by the names of SUMMARY_PICTURES; `class_pictures`: per class
-    key, pictures by the names of CLASS_PICTURES."""
-    evaluated = [r for r in reports if r["status"] == "evaluated"]
-    others = [r for r in reports if r["status"] != "evaluated"]
-    body = [heading(1, "SAE class suppression: summary"), paragraph(figures["result"], "headline"),
-            "<nav>" + " ".join(f'<a href="#{r["class_key"]}">{r["class_key"]}</a>' for r in evaluated) + "</nav>",
+def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str, bytes], reports: list[ClassReport],
+                 class_pictures: dict[str, dict[str, bytes]]) -> str:
+    """`rows`: the classes table; `pictures`: by the names of SUMMARY_PICTURES; `class_pictures`: per class key,
+    pictures by the names of CLASS_PICTURES."""
+    evaluated = [r for r in reports if r.evaluated]
+    others = [r for r in reports if not r.evaluated]
+    body = [heading(1, "SAE class suppression: summary"), paragraph(summary.result, "headline"),
+            "<nav>" + " ".join(f'<a href="#{r.class_key}">{r.class_key}</a>' for r in evaluated) + "</nav>",
             heading(2, f"Evaluated classes ({len(evaluated)})"),
             paragraph(f"Click a column heading to sort. {CLASS_TABLE_NOTE}.", "muted"),
-            html_table(rows, list(CLASS_COLUMNS), list(CLASS_COLUMNS.values()))]
+            markdown_html(record_markdown(rows, ClassRow))]
     if evaluated:
-        body.append(paragraph(f"Rule: {evaluated[0]['specificity_rule']}.", "muted"))
-    for title, table in tables.items():
-        body += [heading(2, title), html_table(table)]
+        body.append(paragraph(f"Rule: {evaluated[0].specificity_rule}.", "muted"))
+    body += [heading(2, "Per ranking rule, each at its own tuned setting (validation)"),
+             markdown_html(record_markdown(summary.per_rule, RuleRow)),
+             heading(2, "Per validation setting"), markdown_html(record_markdown(summary.per_setting, SettingCount))]
     for name, title in SUMMARY_PICTURES.items():
         if name in pictures:
             body += [heading(2, title), png_img(pictures[name], title, name in PHOTOS)]
-    body += [heading(2, "Figures"), figures_table({k: v for k, v in figures.items() if k != "result"})]
+    body += [heading(2, "Figures"), figures_table(flat(summary.figures))]
     for report in evaluated:
-        key = report["class_key"]
+        key = report.class_key
         # The sentence, the pictures, then the rule and the tables (the sweep's is long).
         sentence, details = report_markdown(report).split("\n", 1)
-        body += [heading(2, f"{key}: {report['class_name']}", key), paragraph(sentence)]
+        body += [heading(2, f"{key}: {report.class_name}", key), paragraph(sentence)]
         for name, title in CLASS_PICTURES.items():
             if name in class_pictures.get(key, {}):
                 body += [heading(3, title), png_img(class_pictures[key][name], f"{key} {title}", name in PHOTOS)]
         body.append(markdown_html(details))
     if others:
         body += [heading(2, f"Classes not evaluated ({len(others)})"),
-                 html_table([{"class_key": r["class_key"], "class_name": r["class_name"], "status": r["status"],
-                              "reason": r["reason"]} for r in others])]
+                 html_table([{"class": r.class_key, "name": r.class_name, "status": r.status, "reason": r.reason}
+                             for r in others])]
     return html_page("SAE class suppression: summary", body)

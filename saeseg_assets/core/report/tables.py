@@ -1,6 +1,5 @@
-"""Numbers and tables for Dagster metadata: one rounding (4 significant digits) and one markdown renderer, so that
-every number shows the same way. Torch-free and Dagster-free; tables take a list of row dicts or a pandas DataFrame.
-"""
+"""Numbers and tables for metadata and files: one rounding (4 significant digits), one markdown renderer, so that every
+number shows the same way, and typed rows as markdown or CSV. Torch-free and Dagster-free."""
 
 from __future__ import annotations
 
@@ -67,3 +66,25 @@ def _cell(value) -> str:
 def _line(cells: Sequence[str]) -> str:
     # A "|" inside a cell would end it, a line break the row.
     return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def record_markdown(rows: Iterable, kind: type, view: str | None = None) -> str:
+    """Typed rows as a markdown table: the columns of their type (of `view` only, if given) under their headings."""
+    from .records import columns, flat
+
+    names = columns(kind, view)
+    return markdown_table([flat(row, kind) for row in rows], list(names), list(names.values()))
+
+
+def record_csv(rows: Iterable, kind: type) -> bytes:
+    """Typed rows as CSV, one column per cell of their type (tuples of numbers space-separated), full precision."""
+    import pandas as pd
+
+    from .records import columns, flat
+
+    def cell(value):
+        return " ".join(str(v) for v in value) if isinstance(value, list) else value
+
+    cells = [{name: cell(value) for name, value in flat(row, kind).items()} for row in rows]
+    table = pd.DataFrame(cells, columns=list(columns(kind)))
+    return table.to_csv(index=False).encode()

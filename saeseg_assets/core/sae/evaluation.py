@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..data.cache import ActivationCache, chunk_spans, token_batches
-from ..study.latent_stats import dense_mask
 from ..store.artifacts import write_atomic
+from ..study.latent_stats import dense_mask
 from .model import Sae
 
 FORMAT_VERSION = 1  # of evaluation.json

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..data.cache import ActivationCache, chunk_spans, prefetch, token_batches
-from ..settings import MAX_DEAD_TOKENS, TrainConfig
-from ..store.artifacts import Spec, write_atomic
+from ..settings import MAX_DEAD_TOKENS, TrainSettings
+from ..store.artifacts import OutputSpec, write_atomic
 from .evaluation import token_sample
 from .model import Sae, SaeSpec, load_sae, save_sae, sparse_decode
 
@@ -28,7 +28,7 @@ THRESHOLD_MOMENTUM = 0.1
 _SUMMED = ("loss", "fvu", "l0", "steps")  # per-step figures averaged over each log interval
 
 
-def fit_sae(cache: ActivationCache, config: TrainConfig, folder: Path, *, device: str = "cpu",
+def fit_sae(cache: ActivationCache, config: TrainSettings, folder: Path, *, device: str = "cpu",
             log: Callable[[str], None] = print, **train_options) -> tuple[Sae, dict]:
     """Trains the SAE for (config, cache) into `folder` (sae.safetensors + sae.json), resuming a killed run from
     `folder/trainer_state.safetensors`; returns the saved model and its sae.json."""
@@ -73,7 +73,7 @@ class _State:
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the log interval in progress
 
 
-def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, device: str = "cpu",
+def train_sae(cache: ActivationCache, config: TrainSettings, state_file: Path, *, device: str = "cpu",
               log: Callable[[str], None] = print, save_every_steps: int = 0,
               after_step: Callable[[int], None] | None = None) -> TrainingRun:
     """Trains an SAE on `cache` on `device`, resuming from `state_file` when it holds a run of the same key.
@@ -147,7 +147,7 @@ def train_sae(cache: ActivationCache, config: TrainConfig, state_file: Path, *, 
                        time.perf_counter() - t_start, resumed_at, restart_reason)
 
 
-def train_step(sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, config: TrainConfig, lr: float,
+def train_step(sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, config: TrainSettings, lr: float,
                dead_S: torch.Tensor, k_aux: int) -> dict[str, torch.Tensor]:
     """One optimizer step on a batch of unit-variance inputs; returns the batch's figures, as tensors."""
     for group in optimizer.param_groups:
@@ -163,7 +163,7 @@ def train_step(sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, c
     return stats
 
 
-def _loss(sae: Sae, x_ND: torch.Tensor, config: TrainConfig, dead_S: torch.Tensor,
+def _loss(sae: Sae, x_ND: torch.Tensor, config: TrainSettings, dead_S: torch.Tensor,
           k_aux: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss on inputs of unit variance, and per-batch figures (summed tensors, no host sync)."""
     vals_NK, idx_NK, aux_vals_NA, aux_idx_NA = sae.encode(x_ND, dead_S, k_aux)
@@ -187,7 +187,7 @@ def _loss(sae: Sae, x_ND: torch.Tensor, config: TrainConfig, dead_S: torch.Tenso
     return loss, {"loss": loss.detach(), "fvu": batch_fvu, "l0": l0, "fired": fired}
 
 
-def _learning_rate(config: TrainConfig, step: int) -> float:
+def _learning_rate(config: TrainSettings, step: int) -> float:
     """Linear warm-up, constant, then a linear fall to 0 over the final `decay_fraction` of the steps."""
     total = config.total_steps
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -196,7 +196,7 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * min(warm, decay)
 
 
-def _token_stream(cache: ActivationCache, config: TrainConfig, epoch: int,
+def _token_stream(cache: ActivationCache, config: TrainSettings, epoch: int,
                   skip: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(epoch, batch index, activations) forever; each epoch one shuffled pass, its order a function of (seed, epoch).
 
@@ -212,7 +212,8 @@ def _token_stream(cache: ActivationCache, config: TrainConfig, epoch: int,
         epoch, skip = epoch + 1, 0
 
 
-def _data_statistics(cache: ActivationCache, config: TrainConfig, n_sample: int = 16_384) -> tuple[torch.Tensor, float]:
+def _data_statistics(cache: ActivationCache, config: TrainSettings,
+                     n_sample: int = 16_384) -> tuple[torch.Tensor, float]:
     """Mean and the scale that gives the centred inputs unit variance per dimension, from a shuffled sample."""
     x_ND = torch.from_numpy(token_sample(cache, n_sample, config.seed, config.buffer_images)).double()
     mean_D = x_ND.mean(0)
@@ -267,9 +268,9 @@ class _UnusableState(Exception):
     """A saved trainer state that cannot be resumed; the message names the file and the reason."""
 
 
-def _state_key(config: TrainConfig, cache: ActivationCache) -> str:
+def _state_key(config: TrainSettings, cache: ActivationCache) -> str:
     """Equal for runs that must give the same weights: a state is resumed only under the same key."""
-    return Spec("sae_training", 1, config.identity(), {"cache": cache.fingerprint}).key
+    return OutputSpec("sae_training", 1, config.identity(), {"cache": cache.fingerprint}).key
 
 
 def _load_state(path: Path, key: str, spec: SaeSpec) -> _State | None:

@@ -48,7 +48,7 @@ class WriterConflict(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Spec:
+class OutputSpec:
     """What decides one asset's output: the format versions of the code that writes it (one number, or one per
     writing module), its effective settings and the keys of its inputs."""
 
@@ -97,11 +97,12 @@ class Store:
         """The keys of the inputs an artifact was made from."""
         return self.manifest(asset, key, part)["inputs"]
 
-    def _partial(self, spec: Spec, part: str | None) -> Path:
+    def _partial(self, spec: OutputSpec, part: str | None) -> Path:
         return self.root / spec.asset / _PARTIAL / (f"{spec.key}-{part}" if part else spec.key)
 
     @contextmanager
-    def lock(self, spec: Spec, part: str | None = None, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    def lock(self, spec: OutputSpec, part: str | None = None,
+             log: Callable[[str], None] | None = None) -> Iterator[None]:
         """Holds the writer lock of one output (an flock on a file beside its partial folder), waiting up to
         `lock_timeout_s` for another run that holds it; the lock goes with the process, even one killed with -9.
         Check `exists()` inside it to reuse what the other run published. Reentrant within a thread."""
@@ -135,7 +136,7 @@ class Store:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     @contextmanager
-    def write(self, spec: Spec, part: str | None = None, resumable: bool = False,
+    def write(self, spec: OutputSpec, part: str | None = None, resumable: bool = False,
               log: Callable[[str], None] | None = None) -> Iterator[Path]:
         """Yields an empty (or, if `resumable`, a half-written earlier) folder to fill; on success, adds the manifest
         and renames the folder into place. If another writer published the same key first, its folder is kept: equal

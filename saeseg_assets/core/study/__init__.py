@@ -1,1 +1,2 @@
-"""The suppression study: latent statistics and rules, codes, the edit, logit shift, windows, the study."""
+"""The suppression study: latent statistics and rules, codes, the shared model, the edit and its controls, exact logit
+shifts, the measures, the per-class study and its examples."""

@@ -26,7 +26,7 @@ FIELDS = {
 
 
 @dataclass(frozen=True)
-class ValCodes:
+class Codes:
     """Sparse codes by latent, baseline logits [N, 151] and baseline pixel predictions [B, H, W]."""
 
     indptr_S1: torch.Tensor
@@ -64,8 +64,8 @@ class ValCodes:
 
 
 @torch.inference_mode()
-def compute_val_codes(sae, probe, cache: ActivationCache, device: str = "cpu", block_images: int = 16,
-                      log: Callable[[str], None] = print, spans: list[tuple[int, int]] | None = None) -> ValCodes:
+def compute_codes(sae, probe, cache: ActivationCache, device: str = "cpu", block_images: int = 16,
+                      log: Callable[[str], None] = print, spans: list[tuple[int, int]] | None = None) -> Codes:
     """One SAE pass and one probe pass over the cache's images, or over those of `spans` numbered in their order
     (the held-out training images used for tuning); codes are regrouped by latent at the end."""
     if sae.spec.d_model != cache.d_model or probe.d_model != cache.d_model:
@@ -94,7 +94,7 @@ def compute_val_codes(sae, probe, cache: ActivationCache, device: str = "cpu", b
     order = torch.argsort(latents, stable=True)
     indptr = torch.zeros(sae.spec.d_sae + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.bincount(latents, minlength=sae.spec.d_sae), 0)
-    codes = ValCodes(indptr, tokens[order].to(torch.int32), values[order], torch.cat(logit_parts),
+    codes = Codes(indptr, tokens[order].to(torch.int32), values[order], torch.cat(logit_parts),
                      torch.cat(pixel_parts),
                      {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
                       "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}})
@@ -103,15 +103,15 @@ def compute_val_codes(sae, probe, cache: ActivationCache, device: str = "cpu", b
     return codes
 
 
-def save_val_codes(folder: Path, codes: ValCodes, meta: dict | None = None) -> Path:
+def save_codes(folder: Path, codes: Codes, meta: dict | None = None) -> Path:
     tensors = {"indptr_S1": codes.indptr_S1, "tokens_M": codes.tokens_M, "values_M": codes.values_M,
                "logits_NC": codes.logits_NC, "pixel_pred_BHW": codes.pixel_pred_BHW}
     return save_tensors(Path(folder), STEM, tensors, {**codes.meta, **(meta or {})})[0]
 
 
-def load_val_codes(folder: Path) -> ValCodes:
+def load_codes(folder: Path) -> Codes:
     tensors, meta = load_tensors(Path(folder), STEM)
     if missing := set(FIELDS) - set(tensors):
         raise CheckpointError(f"{folder}: validation codes lack {sorted(missing)}; materialize val_codes again")
-    return ValCodes(tensors["indptr_S1"].long(), tensors["tokens_M"].long(), tensors["values_M"].float(),
+    return Codes(tensors["indptr_S1"].long(), tensors["tokens_M"].long(), tensors["values_M"].float(),
                     tensors["logits_NC"].float(), tensors["pixel_pred_BHW"], meta)

@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL server for tests: Debian's `postgresql` binaries, a temporary data folder, a free localhost
-port; run as the `postgres` user when the tests run as root (initdb and postgres refuse root)."""
+"""A throwaway PostgreSQL server, for the PostgreSQL tests and the backfill benchmark: Debian's `postgresql` binaries,
+a temporary data folder, a free localhost port; run as `postgres` when run as root (initdb and postgres refuse root)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,326 @@
+"""The suppression study's results as frozen records, each field documented here and nowhere else: a class's report
+(report.json), the summary (summary.json, classes.json, the CSV tables), and the one writer and reader of the files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from ..settings import SuppressionSettings
+from ..store.artifacts import write_atomic
+from .records import INLINE, column, dumps, loads
+
+# Of report.json, summary.json and classes.json; 3: typed records (nested settings, controls and intervals, null for
+# NaN), the version under "format_version" in every file.
+FORMAT_VERSION = 3
+NOT_TUNED = "not tuned"  # the tuned setting in words, for a class without one
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of suppressing a class: the top `n_latents` of the `rule`'s ranking, each set to `scale` x its largest
+    training activation, on every token (`mode` every_token) or only where a chosen latent fires (where_active)."""
+
+    rule: str
+    n_latents: int
+    mode: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A 95% percentile bootstrap interval over the validation images (NaN where no resample defines the figure)."""
+
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control of a setting at patch level, over its seeds: random latents (as many as suppressed, matched in
+    firing frequency) or a random unit direction given the edit's own norm on every token."""
+
+    target_change_rate: float  # mean over the seeds of the share of the class's patches whose prediction changed
+    other_change_rate: float  # the same for the other labelled patches
+    target_change_max: float  # the largest single seed's target change rate: what the verdict compares with
+    target_change_rate_ci: Interval | None = None  # measured settings only: the seeds pooled per image
+    other_change_rate_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One setting at patch level: a row of the tuning sweep or of the validation dose-response, and the patch part of
+    a measured setting. The controls and the verdict where they were measured, the intervals on measured settings;
+    None elsewhere. Target patches: majority label c; other patches: any other label but 0 ("other")."""
+
+    setting: Setting = field(metadata=INLINE)
+    active_tokens: int  # tokens where a chosen latent fires: edited in both modes
+    target_change_rate: float  # share of the target patches whose prediction changed (NaN: no target patch)
+    other_change_rate: float  # share of the other patches whose prediction changed
+    target_patch_accuracy: float  # share of the target patches predicted as the class after the edit
+    random_latents: Control | None = None
+    random_direction: Control | None = None
+    specific: bool | None = None  # the verdict (SuppressionSettings.specificity_rule) against the controls' maxima
+    target_change_rate_ci: Interval | None = None
+    other_change_rate_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class PixelFigures:
+    """A measured setting at pixel level (the probe's logits upsampled bilinearly to the crop), before and after."""
+
+    target_iou_before: float  # the class's IoU
+    target_iou_after: float
+    target_iou_change: float  # after minus before
+    target_iou_change_ci: Interval  # both IoUs computed on each resample of the images
+    target_accuracy_before: float  # share of the class's pixels predicted as it
+    target_accuracy_after: float
+    other_miou_before: float  # mean IoU of the other classes present in the ground truth
+    other_miou_after: float
+
+
+@dataclass(frozen=True)
+class MovedClass:
+    """Another class present in the ground truth, and how the edit moved its pixel IoU."""
+
+    class_index: int
+    class_key: str
+    iou_before: float
+    iou_after: float
+    iou_change: float
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One setting measured once on the validation images: its patch-level figures with both controls, the verdict
+    and intervals; the TPP score; its pixel-level figures."""
+
+    patch: SweepRow = field(metadata=INLINE)
+    latents: tuple[int, ...]  # the suppressed latents: the top n of the rule's ranking
+    values: tuple[float, ...]  # what each is set to: scale x its largest training activation
+    tpp_score: float  # SAEBench's targeted probe perturbation per patch: the class's accuracy drop minus the others'
+    pixels: PixelFigures = field(metadata=INLINE)
+    most_moved_other_classes: tuple[MovedClass, ...]  # the five other present classes whose IoU moved most
+    random_latents_per_seed: tuple[tuple[int, ...], ...]  # the random-latent control's draws
+
+    @property
+    def setting(self) -> Setting:
+        return self.patch.setting
+
+    @property
+    def specific(self) -> bool:
+        return bool(self.patch.specific)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the setting of a class was tuned on held-out training images, never validation: every candidate's change
+    rates, the best candidates per rule with their controls, and the preferred one."""
+
+    status: str  # tuned | no_tuning_images | absent_from_tuning_images | no_candidates
+    reason: str = ""  # why not tuned
+    n_images: int = 0  # held-out training images tuned on
+    target_patches: int = 0  # their patches of the class
+    chosen: SweepRow | None = None  # the preferred candidate (its figures on the tuning images)
+    per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's preferred candidate
+    sweep: tuple[SweepRow, ...] = ()  # every candidate, without controls
+
+    @property
+    def setting(self) -> Setting | None:
+        return self.chosen.setting if self.chosen else None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The class's latents as class_latents chose them: the configured rule's top latents and their scores."""
+
+    rule: str
+    latents: tuple[int, ...]
+    scores: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """report.json: one class's suppression study. Evaluated classes hold the configured and the tuned setting, each
+    measured once on validation, and the validation sweep of the configured rule; the others say why not."""
+
+    class_key: str  # NNN_slug
+    class_name: str
+    class_index: int  # the ADE mask value, the probe's output index
+    status: str  # evaluated | absent_from_validation | no_latents
+    reason: str  # why not evaluated ("" when evaluated)
+    selection: Selection
+    setting: Setting  # the configured setting: the selection's rule and latents, the configured mode and scale
+    target_pixels: int  # validation pixels labelled the class
+    target_patches: int  # validation patches of majority label the class
+    specificity_rule: str  # the verdict's rule in words
+    config: SuppressionSettings
+    configured: Measured | None = None  # the configured setting on validation
+    tuning: Tuning | None = None
+    tuned: Measured | None = None  # the tuned setting on validation
+    tuned_per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's tuned setting on validation
+    dose_response: tuple[SweepRow, ...] = ()  # the rule's N x mode x scale grid; controls at the configured N
+    inputs: dict[str, str] = field(default_factory=dict)  # store keys of what the report was made from
+
+    @property
+    def evaluated(self) -> bool:
+        return self.status == "evaluated"
+
+    @property
+    def specific(self) -> bool:
+        return self.configured is not None and self.configured.specific
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """A row of summary.csv: one evaluated class with its configured and tuned settings on validation (tuned
+    columns prefixed `tuned_`, empty where the class was not tuned)."""
+
+    class_index: int
+    class_key: str
+    class_name: str
+    target_patches: int
+    target_pixels: int
+    configured: Measured = field(metadata=INLINE)
+    tuned: Measured | None
+
+
+@dataclass(frozen=True)
+class DoseRow:
+    """A row of dose_response.csv: one class's validation sweep row."""
+
+    class_key: str
+    row: SweepRow = field(metadata=INLINE)
+
+
+CLASSES, CLASSES_TUNED = "classes", "classes_tuned"  # the two narrow views of the classes table
+CLASS_VIEWS = (CLASSES, CLASSES_TUNED)
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """A row of the summary's classes table (classes.json; whole in report.html, as two narrow views in the UI):
+    change rates are shares of patches whose prediction changed, IoU at pixel level."""
+
+    class_key: str = field(metadata=column("class", CLASSES, CLASSES_TUNED))
+    class_name: str = field(metadata=column("name"))
+    target_patches: int = field(metadata=column("patches", CLASSES))
+    target_change_rate: float = field(metadata=column("target", CLASSES))
+    other_change_rate: float = field(metadata=column("other", CLASSES))
+    random_latents_target_change_rate: float = field(metadata=column("rand. latents", CLASSES))
+    random_direction_target_change_rate: float = field(metadata=column("rand. direction", CLASSES))
+    target_iou_before: float = field(metadata=column("IoU before", CLASSES))
+    target_iou_after: float = field(metadata=column("IoU after", CLASSES))
+    tpp_score: float = field(metadata=column("TPP", CLASSES))
+    specific: bool = field(metadata=column("specific", CLASSES))
+    tuned_setting: str = field(metadata=column("tuned setting", CLASSES_TUNED))  # in words, or NOT_TUNED
+    tuned_target_change_rate: float = field(metadata=column("tuned target", CLASSES_TUNED))
+    tuned_other_change_rate: float = field(metadata=column("tuned other", CLASSES_TUNED))
+    tuned_specific: bool | None = field(metadata=column("tuned specific", CLASSES_TUNED))
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """Evaluated classes measured at one setting on validation (patch level, with controls)."""
+
+    n_classes: int = field(metadata=column("classes"))
+    n_specific: int = field(metadata=column("specific"))  # class-specific among them
+    mean_target_change_rate: float = field(metadata=column("mean target"))
+    mean_other_change_rate: float = field(metadata=column("mean other"))
+
+
+@dataclass(frozen=True)
+class SettingCount:
+    """A row of specific_counts.csv: one validation setting of the sweep at the configured N, over the classes."""
+
+    n_latents: int = field(metadata=column("N"))
+    mode: str = field(metadata=column("mode"))
+    scale: float = field(metadata=column("scale"))
+    counts: ClassCounts = field(metadata=INLINE)
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """A row of rules.csv: one ranking rule, each class at that rule's own tuned setting on validation."""
+
+    rule: str = field(metadata=column("rule"))
+    counts: ClassCounts = field(metadata=INLINE)
+    most_common_setting: str = field(metadata=column("most common tuned setting"))  # in words, or "none"
+
+
+@dataclass(frozen=True)
+class SummaryFigures:
+    """The summary's numbers. Means are over the evaluated classes where the figure is defined."""
+
+    n_classes_evaluated: int
+    n_specific: int  # class-specific at the configured setting
+    n_specific_tuned: int  # class-specific at their own tuned setting
+    n_tuned: int
+    tuned: Setting | None  # the most common tuned setting
+    n_classes_at_common_tuned_setting: int
+    n_absent_from_validation: int
+    n_without_latents: int
+    mean_tpp_score: float
+    mean_tuned_tpp_score: float
+    mean_target_change_rate: float
+    mean_other_change_rate: float
+    mean_random_latents_target_change_rate: float
+    mean_random_direction_target_change_rate: float
+    mean_tuned_target_change_rate: float
+    mean_tuned_other_change_rate: float
+    mean_target_iou_before: float
+    mean_target_iou_after: float
+    n_specific_oracle: int  # the best count over the validation grid, chosen on the images it counts: optimistic
+    oracle_setting: str  # that setting in words
+    configured_setting: str  # the configured setting(s) in words
+    n_stale: int  # reports left out: made from other validation codes
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """summary.json: the summary in words (`result`), its figures, and its tables per rule and per setting."""
+
+    result: str
+    figures: SummaryFigures
+    per_rule: tuple[RuleRow, ...]
+    per_setting: tuple[SettingCount, ...]
+
+
+@dataclass(frozen=True)
+class SpecificityGrid:
+    """Classes by settings for the heatmap: per cell the verdict (None: not measured) and the target change rate;
+    `groups` are (label, first column, end) over the columns."""
+
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    groups: tuple[tuple[str, int, int], ...]
+    specific: tuple[tuple[bool | None, ...], ...]
+    target: tuple[tuple[float | None, ...], ...]
+    title: str
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """classes.json: the rows of the summary's classes table."""
+
+    rows: tuple[ClassRow, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The files
+
+
+def write_result(path: Path, record: ClassReport | StudySummary | ClassTable) -> None:
+    """report.json, summary.json or classes.json as strict JSON, written whole (NaN as null)."""
+    write_atomic(Path(path), dumps(record, FORMAT_VERSION))
+
+
+def read_result(path: Path, kind: type[R]) -> R:
+    """The record `write_result` wrote, of type `kind`; a file of another format is refused, naming it."""
+    return loads(kind, Path(path).read_text(), FORMAT_VERSION, str(path))

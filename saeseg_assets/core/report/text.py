@@ -1,0 +1,124 @@
+"""What the suppression reports say in words: a setting, a class's sentence and account (its settings and sweep as
+markdown tables), the examples' settings, and the summary's headline sentence."""
+
+from __future__ import annotations
+
+import math
+
+from .results import NOT_TUNED, ClassReport, Interval, Measured, Setting, SummaryFigures, SweepRow
+from .tables import markdown_table
+
+CLASS_TABLE_NOTE = ("target, other: share of the class's and of the other labelled patches whose prediction changed; "
+                    "rand. latents, rand. direction: the target change rate under the two controls; IoU at pixel "
+                    "level; TPP: targeted probe perturbation score")
+
+
+def describe_setting(setting: Setting) -> str:
+    where = "every token" if setting.mode == "every_token" else "the tokens where they fire"
+    n = setting.n_latents
+    return f"{setting.scale:g} x max on {where}, {n} latent{'s' * (n != 1)} by {setting.rule}"
+
+
+def rate_text(value: float, ci: Interval | None) -> str:
+    """A rate with its interval where one is defined: 0.97 [0.93, 0.99]."""
+    defined = ci is not None and math.isfinite(ci.low) and math.isfinite(ci.high)
+    return f"{value:.2f}" + (f" [{ci.low:.2f}, {ci.high:.2f}]" if defined else "")
+
+
+def example_words(report: ClassReport) -> dict[str, str]:
+    """configured (and tuned) -> the setting in words, as the examples picture names them."""
+    words = {"configured": describe_setting(report.setting)}
+    if report.tuned is not None:
+        words["tuned"] = describe_setting(report.tuned.setting)
+    return words
+
+
+def _verdict(measured: Measured) -> str:
+    return "class-specific" if measured.specific else "not class-specific"
+
+
+def class_sentence(report: ClassReport) -> str:
+    """One line that says what happened to this class, at the configured and the tuned setting."""
+    if report.configured is None:
+        return f"{report.class_name}: {report.reason}."
+    m = report.configured
+    sentence = (f"{report.class_name}: at the original setting ({describe_setting(report.setting)}) {_verdict(m)}: "
+                f"{rate_text(m.patch.target_change_rate, m.patch.target_change_rate_ci)} of its patches changed "
+                f"prediction against {rate_text(m.patch.other_change_rate, m.patch.other_change_rate_ci)} of the "
+                f"others (random latents {_control_text(m.patch.random_latents)}, random direction "
+                f"{_control_text(m.patch.random_direction)})")
+    if report.tuned is None:
+        reason = report.tuning.reason if report.tuning is not None else "not tuned"
+        return f"{sentence}; no tuned setting ({reason})."
+    t = report.tuned
+    return (f"{sentence}; at the setting tuned on held-out training images ({describe_setting(t.setting)}) "
+            f"{_verdict(t)}: {rate_text(t.patch.target_change_rate, t.patch.target_change_rate_ci)} against "
+            f"{rate_text(t.patch.other_change_rate, t.patch.other_change_rate_ci)}.")
+
+
+def _control_text(control) -> str:
+    return rate_text(control.target_change_rate, control.target_change_rate_ci)
+
+
+def dose_markdown(rows: tuple[SweepRow, ...]) -> str:
+    """The validation sweep, one row per setting; controls and verdict where measured."""
+    if not rows:
+        return "(no dose-response)"
+
+    def control_max(control) -> float | None:
+        return control.target_change_max if control is not None else None
+
+    return markdown_table([{"N": r.setting.n_latents, "mode": r.setting.mode, "scale": r.setting.scale,
+                            "target change": r.target_change_rate, "other change": r.other_change_rate,
+                            "target patch acc.": r.target_patch_accuracy,
+                            "rand. latents max": control_max(r.random_latents),
+                            "rand. dir. max": control_max(r.random_direction), "specific": r.specific}
+                           for r in rows])
+
+
+def report_markdown(report: ClassReport) -> str:
+    """One class's account: the sentence, the rule, both settings with intervals, and the validation sweep."""
+    lines = [class_sentence(report)]
+    if report.configured is None:
+        return lines[0]
+    settings = [("configured", report.configured)]
+    if report.tuned is not None:
+        settings.append((f"tuned: {describe_setting(report.tuned.setting)}", report.tuned))
+    rows = []
+    for label, m in settings:
+        p = m.patch
+        rows.append({"setting": label, "target": rate_text(p.target_change_rate, p.target_change_rate_ci),
+                     "other": rate_text(p.other_change_rate, p.other_change_rate_ci),
+                     "rand. lat. target": _control_text(p.random_latents),
+                     "rand. lat. other": rate_text(p.random_latents.other_change_rate,
+                                                   p.random_latents.other_change_rate_ci),
+                     "rand. dir. target": _control_text(p.random_direction),
+                     "rand. dir. other": rate_text(p.random_direction.other_change_rate,
+                                                   p.random_direction.other_change_rate_ci),
+                     "IoU change": rate_text(m.pixels.target_iou_change, m.pixels.target_iou_change_ci),
+                     "TPP": m.tpp_score, "specific": m.specific})
+    lines += ["", f"Rule: {report.specificity_rule}. Change rates are over patches (95% bootstrap intervals over "
+              "validation images); IoU at pixel level.", "", markdown_table(rows),
+              "", f"Validation sweep of the {report.setting.rule} ranking (patch level; controls and verdict at "
+              f"N = {report.setting.n_latents}):", "", dose_markdown(report.dose_response)]
+    return "\n".join(lines)
+
+
+def tuned_words(measured: Measured | None) -> str:
+    return describe_setting(measured.setting) if measured is not None else NOT_TUNED
+
+
+def summary_sentence(figures: SummaryFigures) -> str:
+    """The summary in words, the counts first."""
+    n, t = figures.n_classes_evaluated, figures.tuned
+    tuned_text = (f"at settings tuned per class on held-out training images (most often {t.scale:g} x max, {t.mode}, "
+                  f"{t.n_latents} latents by {t.rule}) {figures.n_specific_tuned} of {n}" if t is not None
+                  else "no class could be tuned")
+    return (f"At the original setting ({figures.configured_setting}) {figures.n_specific} of {n} present classes are "
+            f"class-specific; {tuned_text}. Mean change rates at the original setting: target "
+            f"{figures.mean_target_change_rate:.2f}, other patches {figures.mean_other_change_rate:.2f}, "
+            f"random latents {figures.mean_random_latents_target_change_rate:.2f}, a random direction of the "
+            f"same norm {figures.mean_random_direction_target_change_rate:.2f}; at the tuned settings target "
+            f"{figures.mean_tuned_target_change_rate:.2f}, other {figures.mean_tuned_other_change_rate:.2f}. "
+            f"Mean TPP score {figures.mean_tpp_score:.2f} (original) and {figures.mean_tuned_tpp_score:.2f} "
+            f"(tuned).")

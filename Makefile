@@ -36,6 +36,7 @@ demo: $(STAMP) $(INSTANCE)
 	$(MATERIALIZE) --select '$(SHARED)'
 	$(MATERIALIZE) --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag
 	$(MATERIALIZE) --select suppression_summary
+	@$(PY) -m saeseg_assets.answer
 
 # The tests that take seconds, on two workers; the end-to-end ones marked slow (the browser, the daemon, PostgreSQL,
 # the CLI, the real backbone) take minutes each and run in test-slow, which .ci/run runs after this.

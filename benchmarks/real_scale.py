@@ -30,8 +30,7 @@ from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae, save_sae
 from saeseg_assets.core.settings import RULES, SelectionSettings, StatsSettings, SuppressionSettings
 from saeseg_assets.core.store.artifacts import OutputSpec, Store
 
-# The study's API (Selection above, core.study here) is imported here only: core/study is being reorganized, and
-# assets/reports.py shows how the asset calls it.
+# The study as assets/reports.py calls it.
 from saeseg_assets.core.study.class_study import study_class
 from saeseg_assets.core.study.codes import compute_codes, save_codes
 from saeseg_assets.core.study.latent_stats import compute_latent_stats, load_latent_stats, save_latent_stats

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeseg_assets.answer import answer
 from saeseg_assets.assets.codes import tuning_codes, val_codes
 from saeseg_assets.assets.latents import class_latents, latent_stats
 from saeseg_assets.assets.reports import suppression_report
@@ -231,6 +232,11 @@ def test_partition_range_in_one_run_then_summary(world):
     assert floats and all(v == float(f"{v:.4g}") for v in floats)
     page = (folder / "report.html").read_text()
     assert meta["result"] in page and "http" not in page and page.count("<img ") >= 4 + 3 * len(evaluated)
+    # The answer where a reader looks: a stable link to the latest report, and the headline with both paths.
+    assert (world.storage.root / "report.html").resolve() == folder / "report.html"
+    said = answer(world.instance, world.storage.root, demo=True)
+    assert said.startswith(meta["result"]) and str(folder / "report.html") in said and "not ADE20K" in said
+    assert str(world.storage.root / "report.html") in said
 
 
 def test_the_evaluated_check_passes_per_evaluated_class_and_skips_absent_ones(world):

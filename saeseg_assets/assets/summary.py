@@ -9,6 +9,7 @@ from .latents import GALLERY_FILE
 from .reports import PICTURES, REPORT_FILE
 
 SUMMARY_FILE, CLASSES_FILE = "summary.json", "classes.json"
+LATEST_REPORT = "report.html"  # under the data folder: a link to the latest summary's report.html
 
 
 @dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "val_codes"),
@@ -20,6 +21,8 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
     heatmap of the verdicts, one example per class, change rates against both controls, counts per setting and per
     rule, and report.html, the whole study in one self-contained file (its classes table sorts by a click)."""
     from ..core.report.results import ClassReport, read_result
+    from ..core.report.summary_page import REPORT_HTML
+    from ..core.store.artifacts import link_atomic
 
     store = storage.store
     recipe = Recipe(context, storage)
@@ -38,7 +41,11 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
                      for r in reports}
         with out.write() as work:
             _write_summary(work, reports, folders, galleries, n_stale=len(stale))
-    return out.result(_summary_metadata(out.folder))
+    link_atomic(storage.root / LATEST_REPORT, out.folder / REPORT_HTML)
+    metadata = _summary_metadata(out.folder)
+    context.log.info(f"{metadata['result'].value}\nreport: {out.folder / REPORT_HTML} (latest: "
+                     f"{storage.root / LATEST_REPORT})")
+    return out.result(metadata)
 
 
 def _write_summary(folder, reports: list, report_folders: dict, galleries: dict, n_stale: int) -> None:

@@ -39,6 +39,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def link_atomic(link: Path, target: Path) -> None:
+    """Points the symbolic link `link` at `target` (relative to the link's folder), replacing any old link at once."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
 class ArtifactMissing(FileNotFoundError):
     """An artifact that is not in the store (never made, or pruned)."""
 

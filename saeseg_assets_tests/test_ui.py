@@ -85,16 +85,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 
 
 def prepare_world(root: Path) -> dict[str, str]:
-    """Tiny data with the SAE and probe in the drop folders, and everything above `suppression_report` for one class
-    materialized in this process (faster than the CLI), so that the UI launches the class's report itself."""
+    """Tiny data with the SAE and probe in the drop folders, and everything above `suppression_report` for one class,
+    and the probe's baseline (which the reports do not read), materialized in this process (faster than the CLI), so
+    that the UI launches the class's report itself."""
     env = tiny_env(root, SAESEG_SENSOR_INTERVAL_S="2", SAESEG_CHECKPOINT_QUIET_S="2")
     data = Path(env["SAESEG_DATA"])
     write_checkpoints(drop_folder(data, "sae"), drop_folder(data, "probe"))
     # The definitions read their resources from the environment at import: materialize in a process that has it.
     code = (
         "import dagster as dg, saeseg_assets\n"
-        "upstream = dg.AssetSelection.assets('suppression_report').upstream() - "
-        "dg.AssetSelection.assets('suppression_report')\n"
+        "upstream = (dg.AssetSelection.assets('suppression_report').upstream() - "
+        "dg.AssetSelection.assets('suppression_report')) | dg.AssetSelection.assets('baseline_metrics')\n"
         "with dg.DagsterInstance.get() as instance:\n"
         f"    assert dg.materialize(saeseg_assets.defs.assets, selection=upstream, partition_key={CLASS!r}, "
         "instance=instance, resources=saeseg_assets.defs.resources).success\n")

@@ -27,7 +27,7 @@ def _codes(context, storage: Storage, compute: Compute, cache_asset: str, held_o
             context.log.warning(f"{cache.path} holds one chunk: tuning uses all training images, which the probe "
                                 "may have been trained on (never validation)")
         codes = compute_codes(load_sae(sae_folder)[0], probe, cache, compute.device, log=context.log.info,
-                                  spans=spans)
+                              spans=spans)
         with out.write() as work:
             save_codes(work, codes)
     codes = load_codes(out.folder)

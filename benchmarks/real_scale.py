@@ -1,7 +1,8 @@
 """Wall time and peak RSS of the pipeline's shared stages and of the per-class suppression study at ADE20K's shape
 through DINOv2 ViT-B/14, on synthetic caches written once under --work and reused; each stage in its own process.
 Usage: python benchmarks/real_scale.py [--val-images 2000] [--tuning-images 4000] [--d-model 768] [--d-sae 24576]
-       [--k 64] [--classes 10] [--device cpu|cuda] [--threads N] [--seed 0] [--work data/benchmarks/real_scale] [--keep]
+       [--k 64] [--classes 10] [--device cpu|cuda] [--threads N] [--workers N] [--seed 0]
+       [--work data/benchmarks/real_scale] [--keep]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import time
 import traceback
@@ -29,13 +31,13 @@ from saeseg_assets.core.report.results import Selection
 from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae, save_sae
 from saeseg_assets.core.settings import RULES, SelectionSettings, StatsSettings, SuppressionSettings
 from saeseg_assets.core.store.artifacts import OutputSpec, Store
-
-# The study as assets/reports.py calls it.
-from saeseg_assets.core.study.class_study import study_class
 from saeseg_assets.core.study.codes import compute_codes, save_codes
 from saeseg_assets.core.study.latent_stats import compute_latent_stats, load_latent_stats, save_latent_stats
 from saeseg_assets.core.study.model import load_model
 from saeseg_assets.core.study.rules import margin_effects, select_class_latents
+
+# The study as assets/reports.py calls it.
+from saeseg_assets.core.study.workers import machine_cores, study_classes
 
 INPUTS_VERSION = 1  # of the synthetic inputs' construction: bump when its code changes (its constants are in the key)
 REAL_TRAINING_IMAGES = 20_210  # ADE20K's training split: what latent_stats reads in the real pipeline
@@ -283,22 +285,26 @@ def stage_study_models(paths: dict, options: argparse.Namespace) -> dict:
 
 
 def stage_class_study(paths: dict, options: argparse.Namespace) -> dict:
-    """The sampled classes' studies on models loaded once (their loading is the study_models stage's figure)."""
+    """The sampled classes' studies on models loaded once (their loading is the study_models stage's figure), in
+    --workers processes side by side as the suppression_report asset runs them."""
     t0 = time.perf_counter()
     model, tuning = _models(paths)
     models_s = time.perf_counter() - t0
     chosen = json.loads((paths["run"] / "class_latents.json").read_text())
+    classes = [c for c, _ in sampled_classes(options.classes)]
+    jobs = [(c, Selection(chosen[str(c)]["rule"], tuple(chosen[str(c)]["latents"]), tuple(chosen[str(c)]["scores"])),
+             {rule: tuple(r) for rule, r in chosen[str(c)]["rankings"].items()}) for c in classes]
     seconds, outcome = {}, {}
-    for c, _ in sampled_classes(options.classes):
-        pick = chosen[str(c)]
-        t0 = time.perf_counter()
-        report = study_class(model, tuning, c, Selection(pick["rule"], tuple(pick["latents"]), tuple(pick["scores"])),
-                             {rule: tuple(r) for rule, r in pick["rankings"].items()}, SuppressionSettings())
-        seconds[c] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c, (report, s) in zip(classes, study_classes(model, tuning, jobs, SuppressionSettings(), options.workers)):
+        seconds[c] = s
         outcome[c] = report.status + (f", target change {report.configured.patch.target_change_rate:.2f}, other "
                                       f"{report.configured.patch.other_change_rate:.3f}, specific {report.specific}"
                                       if report.configured is not None else "")
-    return {"models_loaded_s": round(models_s, 1), "classes": len(seconds), "per_class": seconds, "outcome": outcome}
+    wall = time.perf_counter() - t0
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"models_loaded_s": round(models_s, 1), "classes": len(seconds), "per_class": seconds, "outcome": outcome,
+            "wall_s": wall, "workers": min(options.workers, len(jobs)), "workers_peak_rss_gb": workers_peak}
 
 
 def stage_imports(paths: dict, options: argparse.Namespace) -> dict:
@@ -398,8 +404,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10,
                         help="classes studied, one per stratum of pixel-share ranks; the 150 are estimated from them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where latent_stats and the codes run (the study runs on the CPU, as in the pipeline)")
+                        help="where latent_stats and the codes run (the study runs on the CPU, in --workers processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per stage (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=machine_cores(),
+                        help="processes studying classes side by side (SAESEG_CLASS_WORKERS; default: the cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (part of their key)")
     parser.add_argument("--work", default="data/benchmarks/real_scale",
                         help="where the synthetic inputs are kept (full size: about 2.7 GB, 2.2 GB more during a run)")
@@ -446,17 +454,23 @@ def main() -> None:
     for c, stands_for in strata:
         print(f"  {class_by_index(c).key:22s} {per_class[c]:7.2f} s  (stands for {stands_for} classes)  "
               f"{study['summary']['outcome'][c]}")
-    mean_s = sum(per_class.values()) / len(per_class)
-    all_s = sum(per_class[c] * n for c, n in strata)
-    print(f"class study: {mean_s:.2f} s per sampled class (mean of {len(per_class)}); all {N_CLASSES} classes "
-          f"{all_s:.0f} s, stratified (each sampled class's time x the classes of its stratum; mean x {N_CLASSES}: "
-          f"{mean_s * N_CLASSES:.0f} s); its process peaked at {study['peak_rss_gb']:.2f} GB with both models loaded")
+    summary = study["summary"]
+    busy_s = sum(per_class.values())
+    # Side by side, the workers got through busy_s of studies in wall_s: that rate scales the stratified sum.
+    speedup = busy_s / summary["wall_s"]
+    all_s = sum(per_class[c] * n for c, n in strata) / speedup
+    mean_s = all_s / N_CLASSES
+    print(f"class study: {busy_s / len(per_class):.2f} s per sampled class in one worker (mean of {len(per_class)}); "
+          f"{summary['workers']} workers side by side did them {speedup:.2f}x faster than one after another; all "
+          f"{N_CLASSES} classes {all_s:.0f} s (each sampled class's time x the classes of its stratum / {speedup:.2f}),"
+          f" {mean_s:.2f} s per class. The study's process peaked at {study['peak_rss_gb']:.2f} GB with both models "
+          f"loaded, its largest worker at {summary['workers_peak_rss_gb']:.2f} GB (pages shared with it included)")
     stats_s = results["latent_stats"]["seconds"]
     print(f"latent_stats read {shape.tuning_images} training images; the real pipeline reads all "
           f"{REAL_TRAINING_IMAGES:,}: about {stats_s * REAL_TRAINING_IMAGES / shape.tuning_images:.0f} s at this d_sae "
           "(linear in images). "
           f"A stage process's floor (imports alone) is {floor:.2f} GB of the peaks above; torch threads "
-          f"{study['threads']} (the class study runs on one, as in the pipeline). Wall clock: a shared machine's "
+          f"{study['threads']} (each class study runs on one, as in the pipeline). Wall clock: a shared machine's "
           "figures move with its load.")
     device = results["latent_stats"]["device"]
     seconds = {stage: round(r["seconds"], 2) for stage, r in results.items()}
@@ -464,7 +478,9 @@ def main() -> None:
                       "val_images": shape.val_images, "tuning_images": shape.tuning_images,
                       "d_model": shape.d_model, "d_sae": shape.d_sae, "k": shape.k, "seconds": seconds,
                       "per_class_s": round(mean_s, 3), "all_classes_s": round(all_s, 1),
-                      "peak_rss_gb": round(max(r["peak_rss_gb"] for r in [*results.values(), study]), 2)}))
+                      "workers": summary["workers"],
+                      "peak_rss_gb": round(max(summary["workers_peak_rss_gb"],
+                                               *(r["peak_rss_gb"] for r in [*results.values(), study])), 2)}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class Environment:
     sensor_interval_s: int = 30  # SAESEG_SENSOR_INTERVAL_S: how often the checkpoint sensors look
     checkpoint_quiet_s: float = QUIET_PERIOD_S  # SAESEG_CHECKPOINT_QUIET_S: how long a checkpoint must stay untouched
     classes_per_run: int | None = None  # SAESEG_CLASSES_PER_RUN: most classes per backfill run; None, all in one
+    class_workers: int = 0  # SAESEG_CLASS_WORKERS: processes studying classes side by side; 0, one per core
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Environment:
@@ -53,7 +54,8 @@ class Environment:
                    probe_checkpoint=text("SAESEG_PROBE_CHECKPOINT", ""),
                    sensor_interval_s=number("SAESEG_SENSOR_INTERVAL_S", int, default.sensor_interval_s, 1),
                    checkpoint_quiet_s=number("SAESEG_CHECKPOINT_QUIET_S", float, default.checkpoint_quiet_s, 0.0),
-                   classes_per_run=number("SAESEG_CLASSES_PER_RUN", int, None, 1))
+                   classes_per_run=number("SAESEG_CLASSES_PER_RUN", int, None, 1),
+                   class_workers=number("SAESEG_CLASS_WORKERS", int, 0, 0))
 
 
 ENV = Environment.read()

@@ -66,6 +66,13 @@ class Compute(dg.ConfigurableResource):
     """Where every torch step runs: recording, training, the statistics and codes passes, evaluation."""
 
     device: str = Field(default="cpu", description="'cpu' or 'cuda' (env SAESEG_DEVICE).")
+    class_workers: int = Field(default=0, description="Processes that study classes side by side, one torch thread "
+                               "each; 0: one per core (env SAESEG_CLASS_WORKERS).")
+
+    def workers(self) -> int:
+        from .core.study.workers import machine_cores
+
+        return self.class_workers or machine_cores()
 
 
 class Recording(dg.ConfigurableResource):
@@ -89,7 +96,7 @@ def from_env(env: Environment = ENV) -> dict[str, dg.ConfigurableResource]:
     return {
         "storage": Storage(data_dir=env.data_dir, ade20k_root=env.ade20k_root),
         "backbone": Backbone(source=env.backbone),
-        "compute": Compute(device=env.device),
+        "compute": Compute(device=env.device, class_workers=env.class_workers),
         "recording": Recording(),
         "checkpoints": Checkpoints(sae=env.sae_checkpoint, probe=env.probe_checkpoint),
     }

@@ -24,7 +24,7 @@ from saeseg_assets.core.settings import MODES, SuppressionSettings
 from saeseg_assets.core.study.class_study import study_class
 from saeseg_assets.core.study.codes import compute_codes
 from saeseg_assets.core.study.controls import control_draws, matched_latents, smallest
-from saeseg_assets.core.study.edit import edit_norms, edit_shift, edited_activations, latent_edit
+from saeseg_assets.core.study.edit import LatentEffect, edited_activations
 from saeseg_assets.core.study.examples import validation_crops
 from saeseg_assets.core.study.logit_shift import (
     ImageCounts,
@@ -97,7 +97,7 @@ def test_baseline_of_the_tiny_world(tmp_path):
 
 def test_a_latent_that_never_fires_with_scale_zero_changes_nothing(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
-    shift = edit_shift(model, latent_edit(model, (5,), 0.0, "every_token"))
+    shift = LatentEffect(model, (5,)).shift(0.0, "every_token")
     assert not shift.shift_C.any() and len(shift.rows_M) == 0
     assert torch.equal(model.patch.predictions_after(shift), model.patch.pred_N)
     assert torch.equal(model.pixel.counts_after(model.patch, shift), model.pixel.counts_KK)
@@ -109,7 +109,7 @@ def test_a_latent_that_never_fires_with_scale_zero_changes_nothing(tmp_path):
 def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_path):
     _, _, _, model = tiny_world(tmp_path)
     # Ablation: grass tokens keep only the error term 0.1 e0, whose grass logit 0.1 loses to the wall bias 0.5.
-    shift = edit_shift(model, latent_edit(model, (0,), 0.0, "every_token"))
+    shift = LatentEffect(model, (0,)).shift(0.0, "every_token")
     after = model.patch.predictions_after(shift)
     changed = (after != model.patch.pred_N).nonzero().squeeze(1).tolist()
     fires = model.codes.column(0)[0].tolist()
@@ -151,16 +151,16 @@ def test_shortcut_equals_the_explicit_form(tmp_path):
     latents = (most_frequent, *[i for i in (5, 11) if i != most_frequent])
     for mode in MODES:
         for scale in (-2.0, 0.0, 0.5):
-            edit = latent_edit(model, latents, scale, mode)
+            effect = LatentEffect(model, latents)
             with torch.no_grad():
-                explicit = edited_activations(sae, x_ND, latents, edit.values_L, mode)
+                explicit = edited_activations(sae, x_ND, latents, effect.values(scale), mode)
                 explicit_logits = explicit @ probe.weight_CD.T + probe.bias_C
                 delta = explicit - x_ND
-            shortcut = codes.logits_NC + edit_shift(model, edit).dense(torch.arange(len(x_ND)))
+            shortcut = codes.logits_NC + effect.shift(scale, mode).dense(torch.arange(len(x_ND)))
             torch.testing.assert_close(shortcut, explicit_logits, atol=1e-4, rtol=1e-5)
-            rest, norms_U = edit_norms(model, edit)
+            rest, norms_U = effect.norms(scale, mode)
             norms = torch.full((len(x_ND),), rest)
-            norms[edit.tokens_U] = norms_U
+            norms[effect.tokens_U] = norms_U
             torch.testing.assert_close(norms, delta.norm(dim=1), atol=1e-4, rtol=1e-5)
 
 
@@ -179,7 +179,7 @@ def test_fast_evaluation_equals_full_recomputation():
     assert torch.equal(pixel.counts_KK, ConfusionMatrix().update(pixel_pred, pixel_labels).counts_KK)
     for trial, (shift_scale, n_rows) in enumerate([(0.0, 0), (0.0, 7), (0.5, 0), (2.0, 5), (8.0, 30)]):
         rows = torch.unique(torch.randint(0, len(logits_NC), (n_rows,), generator=gen))
-        shift = LogitShift(torch.randn(151, generator=gen) * shift_scale, rows,
+        shift = LogitShift.explicit(torch.randn(151, generator=gen) * shift_scale, rows,
                            torch.randn(len(rows), 151, generator=gen) * 3)
         dense = logits_NC + shift.dense(torch.arange(len(logits_NC)))
         assert torch.equal(patch.predictions_after(shift), patch_predictions(dense)), trial

@@ -10,7 +10,7 @@ from ..config import launchpad_config
 from ..core.settings import SuppressionSettings
 from ..partitions import CLASS_BACKFILL_POLICY, class_partitions
 from ..recipe import Recipe, stage
-from ..resources import Storage
+from ..resources import Compute, Storage
 from .latents import CLASS_LATENTS_FILE
 
 REPORT_FILE = "report.json"
@@ -24,7 +24,7 @@ SuppressionReportConfig = launchpad_config("SuppressionReportConfig", Suppressio
           partitions_def=class_partitions, backfill_policy=CLASS_BACKFILL_POLICY, pool="gpu", group_name="suppression",
           kinds={"json"}, automation_condition=DOWNSTREAM_CONDITION)
 def suppression_report(context: dg.AssetExecutionContext, config: SuppressionReportConfig,
-                       storage: Storage) -> None:
+                       storage: Storage, compute: Compute) -> None:
     """Suppress class c's latents in the validation activations (error term kept), then read the probe: the
     configured setting, and one tuned on held-out training images (rule, number of latents, mode, scale), each
     measured once on validation with controls, 95% bootstrap intervals and the TPP score; a latent-count sweep.
@@ -57,22 +57,24 @@ def suppression_report(context: dg.AssetExecutionContext, config: SuppressionRep
     outputs = {key: recipe.output(settings.identity(), {"class_latents": choice_keys[key]}, part=key)
                for key in context.partition_keys}
     if todo := {key: out for key, out in outputs.items() if not out.reused}:
-        _write_reports(context, storage, settings, todo, made_from, tuning_from)
+        _write_reports(context, storage, settings, todo, made_from, tuning_from, compute.workers())
     for key, out in outputs.items():
         out.record(_report_metadata(read_result(out.folder / REPORT_FILE, ClassReport), out.folder))
 
 
 def _write_reports(context, storage: Storage, settings: SuppressionSettings, outputs: dict, made_from: dict,
-                   tuning_from: dict) -> None:
-    """Studies the classes of `outputs` on the models their shared inputs give, each into its own folder."""
+                   tuning_from: dict, workers: int) -> None:
+    """Studies the classes of `outputs` on the models their shared inputs give, in `workers` processes side by side,
+    each into its own folder as soon as it is done."""
+    import time
     from dataclasses import replace
 
     from ..core.data.ade20k import class_by_key
     from ..core.data.cache import CACHE_FOLDER, ActivationCache
     from ..core.report.results import write_result
-    from ..core.study.class_study import study_class
     from ..core.study.examples import validation_crops
     from ..core.study.model import load_model
+    from ..core.study.workers import study_classes
 
     store = storage.store
     first = next(iter(outputs.values())).spec
@@ -85,18 +87,23 @@ def _write_reports(context, storage: Storage, settings: SuppressionSettings, out
     tuning = load_model(store.open("sae_weights", made_from["sae_weights"]),
                         store.open("probe_checkpoint", made_from["probe_checkpoint"]), folders["latent_stats"],
                         folders["tuning_codes"], train, pixel=False)
+    workers = min(workers, len(outputs))
     context.log.info(f"tuning on {tuning.n_images} held-out training images, evaluating on {model.n_images} "
-                     "validation images")
+                     f"validation images; {len(outputs)} classes in {workers} process{'es' if workers > 1 else ''}")
     load_rgb = validation_crops(cache.attrs.get("dataset_root", ""), int(cache.attrs["crop_size"]), context.log.warning)
-    for key, out in outputs.items():
-        selection, rankings = _choice(store.open("class_latents", out.spec.inputs["class_latents"], key))
-        report = replace(study_class(model, tuning, class_by_key(key).index, selection, rankings, settings),
-                         inputs=out.spec.inputs)
+    jobs = [(class_by_key(key).index, *_choice(store.open("class_latents", out.spec.inputs["class_latents"], key)))
+            for key, out in outputs.items()]
+    start = time.perf_counter()
+    for done, ((key, out), (report, seconds)) in enumerate(zip(outputs.items(), study_classes(
+            model, tuning, jobs, settings, workers)), 1):
+        report = replace(report, inputs=out.spec.inputs)
         with out.write() as work:
             write_result(work / REPORT_FILE, report)
             if report.evaluated:
                 _write_pictures(work, report, model, cache, load_rgb, settings)
-        context.log.info(f"{key}: {report.status}" + (f", specific={report.specific}" if report.evaluated else ""))
+        elapsed = time.perf_counter() - start
+        context.log.info(f"{key}: {report.status}" + (f", specific={report.specific}" if report.evaluated else "")
+                         + f" (studied in {seconds:.1f} s; {done}/{len(outputs)} after {elapsed:.0f} s)")
 
 
 def _choice(folder):

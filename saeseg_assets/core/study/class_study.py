@@ -12,7 +12,7 @@ import numpy as np
 from ..probe.metrics import ConfusionMatrix
 from ..report.results import ClassReport, Control, Measured, Selection, Setting, SweepRow, Tuning
 from ..settings import SuppressionSettings
-from .edit import Edit, edit_shift
+from .edit import LatentEffect
 from .logit_shift import ImageCounts
 from .measures import (
     bootstrap_weights,
@@ -26,7 +26,7 @@ from .measures import (
 )
 from .model import SuppressionModel
 from .patches import Changed, ClassPatches
-from .threads import single_thread
+from .workers import single_thread
 
 
 def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_index: int, selection: Selection,
@@ -84,27 +84,28 @@ def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: Supp
 
 
 def sweep_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], config: SuppressionSettings,
-              with_controls: bool, columns=None) -> SweepRow:
+              with_controls: bool) -> SweepRow:
     """Patch-level figures of one setting; with controls, the verdict too."""
-    edit, changed = patches.edit(latents, setting.mode, setting.scale, columns)
-    return patch_figures(patches, setting, latents, edit, changed, config, with_controls)
+    effect, changed = patches.edit(latents, setting.mode, setting.scale)
+    return patch_figures(patches, setting, latents, effect, changed, config, with_controls)
 
 
-def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], edit: Edit, changed: Changed,
-                  config: SuppressionSettings, with_controls: bool, weights_RB: np.ndarray | None = None) -> SweepRow:
+def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEffect,
+                  changed: Changed, config: SuppressionSettings, with_controls: bool,
+                  weights_RB: np.ndarray | None = None) -> SweepRow:
     """The change rates and target accuracy of an edit; with controls, each control over its seeds and the verdict
     (against the largest single draw); with `weights_RB`, 95% bootstrap intervals over images."""
     target, other = patches.target_rate(changed), patches.other_rate(changed)
     random_latents = random_direction = specific = target_ci = other_ci = None
     if with_controls:
-        per_seed = patches.controls(edit, patches.draws(latents, config), setting.scale, setting.mode)
+        per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
         random_latents, random_direction = (control(patches, seeds, weights_RB) for seeds in per_seed)
         specific = is_class_specific(target, other, [random_latents.target_change_max,
                                                      random_direction.target_change_max], config)
     if weights_RB is not None:
         target_ci = ratio_interval(weights_RB, changed.target_B, patches.target_B)
         other_ci = ratio_interval(weights_RB, changed.other_B, patches.other_B)
-    return SweepRow(setting, len(edit.tokens_U), target, other, patches.target_accuracy(changed.pred_N),
+    return SweepRow(setting, effect.n_tokens, target, other, patches.target_accuracy(changed),
                     random_latents, random_direction, specific, target_ci, other_ci)
 
 
@@ -149,11 +150,8 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
         if patches.n_target == 0:
             return Tuning("absent_from_tuning_images",
                           "no held-out training patch has this class as its majority label")
-        rows, columns = [], {}
-        for setting in candidate_settings(rankings, config.tuning_rules, config):
-            latents = _top(rankings, setting)
-            columns.setdefault(latents, model.codes.columns(latents))
-            rows.append(sweep_row(patches, setting, latents, config, False, columns[latents]))
+        rows = [sweep_row(patches, setting, _top(rankings, setting), config, False)
+                for setting in candidate_settings(rankings, config.tuning_rules, config)]
         best, per_rule = None, {}
         for rule in config.tuning_rules:
             mine = [r for r in rows if r.setting.rule == rule]
@@ -180,16 +178,17 @@ def measure(patches: ClassPatches, latents: tuple[int, ...], setting: Setting, c
     intervals over images, the verdict, the TPP score, and pixel-level IoU and accuracy (with the interval of the
     target IoU change)."""
     model, class_index = patches.model, patches.class_index
-    edit, changed = patches.edit(latents, setting.mode, setting.scale)
-    patch = patch_figures(patches, setting, latents, edit, changed, config, True, weights_RB)
+    effect, changed = patches.edit(latents, setting.mode, setting.scale)
+    patch = patch_figures(patches, setting, latents, effect, changed, config, True, weights_RB)
     before = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
     after_counts = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
-    after = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, edit_shift(model, edit), after_counts))
+    shift = effect.shift(setting.scale, setting.mode)
+    after = ConfusionMatrix.from_counts(model.pixel.counts_after(model.patch, shift, after_counts))
     pixels = pixel_measures(model.pixel_before, after, class_index,
                             iou_change_interval(weights_RB, before, after_counts))
-    return Measured(patch, tuple(latents), tuple(float(v) for v in edit.values_L),
-                    tpp_score(model.patch.labels_N, model.patch.pred_N, changed.pred_N, class_index), pixels,
-                    most_moved(model.pixel_before, after, class_index),
+    return Measured(patch, tuple(latents), tuple(float(v) for v in effect.values(setting.scale)),
+                    tpp_score(model.patch.labels_N, model.patch.pred_N, patches.predictions(changed), class_index),
+                    pixels, most_moved(model.pixel_before, after, class_index),
                     tuple(r for r, _ in patches.draws(latents, config)))
 
 

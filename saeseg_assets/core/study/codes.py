@@ -54,7 +54,7 @@ class Codes:
         if not latents:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
         parts = [self.column(i) for i in latents]
-        tokens_U, inverse = torch.unique(torch.cat([t for t, _ in parts]), return_inverse=True)
+        tokens_U, inverse = torch.unique(torch.cat([t for t, _ in parts]).long(), return_inverse=True)
         codes_UL = torch.zeros(len(tokens_U), len(latents))
         offset = 0
         for j, (tokens, values) in enumerate(parts):
@@ -113,5 +113,6 @@ def load_codes(folder: Path) -> Codes:
     tensors, meta = load_tensors(Path(folder), STEM)
     if missing := set(FIELDS) - set(tensors):
         raise CheckpointError(f"{folder}: validation codes lack {sorted(missing)}; materialize val_codes again")
-    return Codes(tensors["indptr_S1"].long(), tensors["tokens_M"].long(), tensors["values_M"].float(),
+    # Token ids stay int32 as stored (half the memory); a latent's column is widened when read.
+    return Codes(tensors["indptr_S1"].long(), tensors["tokens_M"].int(), tensors["values_M"].float(),
                     tensors["logits_NC"].float(), tensors["pixel_pred_BHW"], meta)

@@ -3,61 +3,74 @@ the random-direction control's shift of the same norm, and the explicit form the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
 from ..probe.metrics import N_OUTPUTS
-from .logit_shift import LogitShift
+from .logit_shift import LogitShift, RowTerm
 from .model import SuppressionModel
 
 
-@dataclass(frozen=True)
-class Edit:
-    """The coefficients (v_i - f_i) of one intervention: on `tokens_U` (where an edited latent fires) they are
-    `coef_UL`; on every other token they are v_L in every_token mode and 0 in where_active mode."""
+class LatentEffect:
+    """What suppressing one latent set does to the probe's logits, computed once for every scale, mode and control
+    of the set. With v_L = scale x max activation, the edit's coefficients are (v_i - f_i) on the tokens `tokens_U`
+    where a chosen latent fires, and v_L (every_token mode) or 0 (where_active mode) on every other token; its logit
+    delta is the coefficients times P_LC = W_dec[L] W_probe^T, exact because the probe is linear:
+    scale x unit_C + own (= -codes_UL P_LC) on `tokens_U`, scale x unit_C (or 0) elsewhere."""
 
-    latents: tuple[int, ...]
-    values_L: torch.Tensor
-    tokens_U: torch.Tensor
-    coef_UL: torch.Tensor
-    every_token: bool
+    def __init__(self, model: SuppressionModel, latents: tuple[int, ...]):
+        self.latents = tuple(latents)
+        index = list(self.latents)
+        self.max_L = model.max_activation_S[index]
+        self.tokens_U, codes_UL = model.codes.columns(self.latents)
+        P_LC = model.decoder_logits(self.latents)
+        self.unit_C = self.max_L @ P_LC if self.latents else torch.zeros(N_OUTPUTS)
+        # On the tokens where they fire, the latents' own contribution leaves: -codes_UL P_LC.
+        self.own = RowTerm(-codes_UL, P_LC) if self.latents else RowTerm(torch.zeros(0, N_OUTPUTS))
+        self._rows: dict[float, dict] = {}  # per scale, the rows' predictions, the same in both modes
+        # The edit's norm on each token, ||sum_i a_i W_dec[i]|| with a = v - f, through the Gram matrix G:
+        # a G a = scale^2 (m G m) - 2 scale (f G m) + f G f.
+        W_LD = model.W_dec_SD[index]
+        G_LL = W_LD @ W_LD.T
+        self.mGm = float(self.max_L @ G_LL @ self.max_L) if self.latents else 0.0
+        self.fGm_U = codes_UL @ (G_LL @ self.max_L) if self.latents else torch.zeros(0)
+        self.fGf_U = ((codes_UL @ G_LL) * codes_UL).sum(1) if self.latents else torch.zeros(0)
 
+    @property
+    def size_bytes(self) -> int:
+        """Roughly what it holds: the codes, the own term at each token's best classes, the rows' predictions."""
+        U = len(self.tokens_U)
+        return U * (4 * len(self.latents) + 4 * 10 + 8 * len(self._rows))
 
-def latent_edit(model: SuppressionModel, latents: tuple[int, ...], scale: float, mode: str,
-                columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> Edit:
-    """v_L = scale x max activation; `columns` (tokens, codes) of the latents may be passed when already read."""
-    values_L = scale * model.max_activation_S[list(latents)]
-    tokens_U, codes_UL = columns if columns is not None else model.codes.columns(latents)
-    # where_active edits exactly the tokens where some chosen latent fires: the same rows in both modes.
-    return Edit(tuple(latents), values_L, tokens_U, values_L[None, :] - codes_UL, mode == "every_token")
+    @property
+    def n_tokens(self) -> int:
+        """Tokens where a chosen latent fires (edited in both modes)."""
+        return len(self.tokens_U)
 
+    def values(self, scale: float) -> torch.Tensor:
+        """v_L: what each latent is set to."""
+        return scale * self.max_L
 
-def edit_shift(model: SuppressionModel, edit: Edit) -> LogitShift:
-    """The edit in logit space: delta_n = sum_i a_ni (W_probe W_dec[i]); exact because the probe is linear."""
-    if not edit.latents:
-        return LogitShift.zero()
-    P_LC = model.decoder_logits(edit.latents)
-    shift_C = edit.values_L @ P_LC if edit.every_token else torch.zeros(N_OUTPUTS)
-    return LogitShift(shift_C, edit.tokens_U, edit.coef_UL @ P_LC)
+    def shift(self, scale: float, mode: str) -> LogitShift:
+        """The edit in logit space."""
+        if not self.latents:
+            return LogitShift.zero()
+        unit_C = scale * self.unit_C
+        return LogitShift(unit_C if mode == "every_token" else torch.zeros(N_OUTPUTS), self.tokens_U, unit_C,
+                          self.own, self._rows.setdefault(float(scale), {}))
 
+    def norms(self, scale: float, mode: str) -> tuple[float, torch.Tensor]:
+        """The edit's norm on the other tokens (one number) and on `tokens_U`."""
+        rest = abs(scale) * math.sqrt(max(self.mGm, 0.0)) if mode == "every_token" else 0.0
+        return rest, (scale * scale * self.mGm - 2 * scale * self.fGm_U + self.fGf_U).clamp(min=0).sqrt()
 
-def edit_norms(model: SuppressionModel, edit: Edit) -> tuple[float, torch.Tensor]:
-    """||sum_i a_ni W_dec[i]|| on the other tokens (one number) and on `tokens_U`, through the Gram matrix."""
-    if not edit.latents:
-        return 0.0, torch.zeros(0)
-    W_LD = model.W_dec_SD[list(edit.latents)]
-    G_LL = W_LD @ W_LD.T
-    norms_U = torch.einsum("ul,lm,um->u", edit.coef_UL, G_LL, edit.coef_UL).clamp(min=0).sqrt()
-    rest = float((edit.values_L @ G_LL @ edit.values_L).clamp(min=0).sqrt()) if edit.every_token else 0.0
-    return rest, norms_U
-
-
-def direction_shift(model: SuppressionModel, edit: Edit, direction_D: torch.Tensor) -> LogitShift:
-    """The random-direction control: the unit direction, times the edit's own norm on each token."""
-    rest, norms_U = edit_norms(model, edit)
-    q_C = model.probe_W_CD @ direction_D
-    return LogitShift(rest * q_C, edit.tokens_U, norms_U[:, None] * q_C[None, :])
+    def direction_shift(self, model: SuppressionModel, direction_D: torch.Tensor, scale: float,
+                        mode: str) -> LogitShift:
+        """The random-direction control: the unit direction, times the edit's own norm on each token."""
+        rest, norms_U = self.norms(scale, mode)
+        q_C = model.probe_W_CD @ direction_D
+        return LogitShift(rest * q_C, self.tokens_U, torch.zeros(N_OUTPUTS), RowTerm(norms_U[:, None], q_C[None, :]))
 
 
 def edited_activations(sae, x_ND: torch.Tensor, latents: tuple[int, ...], values_L: torch.Tensor,

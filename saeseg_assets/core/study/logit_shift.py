@@ -3,6 +3,7 @@ upsampling windows whose prediction a margin bound cannot prove unchanged; teste
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,17 +18,78 @@ CHUNK_VALUES = 1 << 22  # logit values held at once per image chunk
 DENSE_SHARE = 0.25  # above this share of windows to recompute, pool the whole logit grid instead of gathering
 
 
-@dataclass(frozen=True)
-class LogitShift:
-    """delta_n = shift_C on every token, except the tokens `rows_M`, whose whole delta is `deltas_MC`."""
+class RowTerm:
+    """The part of some tokens' logit deltas that differs from token to token: coef_MR @ basis_RC (basis None: coef
+    is the [M, C] term itself). Its values at each token's best baseline classes and its largest value over the
+    classes are made once and kept: a latent set's term serves every scale of its edit."""
 
-    shift_C: torch.Tensor
-    rows_M: torch.Tensor
-    deltas_MC: torch.Tensor
+    def __init__(self, coef_MR: torch.Tensor, basis_RC: torch.Tensor | None = None):
+        self.coef_MR, self.basis_RC = coef_MR, basis_RC
+        self._top: tuple | None = None
+        self._at: dict = {}
+
+    def full(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The term's rows (those of `index`, or all): [M, C]."""
+        coef = self.coef_MR if index is None else self.coef_MR[index]
+        return coef if self.basis_RC is None else coef @ self.basis_RC
+
+    def at(self, classes_J: torch.Tensor) -> torch.Tensor:
+        """The term at the same few classes on every row: [M, J] (kept per class set)."""
+        key = tuple(classes_J.tolist())
+        if key not in self._at:
+            self._at = {key: self.coef_MR[:, classes_J] if self.basis_RC is None else
+                        self.coef_MR @ self.basis_RC[:, classes_J]}
+        return self._at[key]
+
+    def top(self, classes_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(the term at `classes_MK` [M, K], its max over classes 1..150 [M], its largest magnitude)."""
+        if self._top is None and self.basis_RC is not None and self.basis_RC.shape[0] == 1:
+            # Rank one, a_m b_C: max_c a_m b_c is a_m max b or a_m min b by the sign of a_m.
+            a_M, b_C = self.coef_MR[:, 0], self.basis_RC[0]
+            hi, lo = (float(b_C[1:].max()), float(b_C[1:].min())) if len(b_C) > 1 else (0.0, 0.0)
+            self._top = (a_M[:, None] * b_C[classes_MK.long()], torch.maximum(a_M * hi, a_M * lo),
+                         float(a_M.abs().max()) * float(b_C.abs().max()) if len(a_M) else 0.0)
+        if self._top is None:
+            parts = []
+            step = max(1, CHUNK_VALUES // N_OUTPUTS)
+            for a in range(0, len(self.coef_MR), step):
+                own_mC = self.full(torch.arange(a, min(a + step, len(self.coef_MR))))
+                parts.append((own_mC.gather(1, classes_MK[a:a + step].long()), own_mC[:, 1:].amax(1),
+                              own_mC.abs().amax(1)))
+            if parts:
+                self._top = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                             float(torch.cat([p[2] for p in parts]).max()))
+            else:
+                self._top = (torch.zeros(0, classes_MK.shape[1]), torch.zeros(0), 0.0)
+        return self._top
+
+
+class LogitShift:
+    """delta_n = shift_C on every token, except the tokens `rows_M` (ascending), whose delta is row_C + own_MC, own
+    a `RowTerm`."""
+
+    def __init__(self, shift_C: torch.Tensor, rows_M: torch.Tensor, row_C: torch.Tensor, own: RowTerm,
+                 rows_memo: dict | None = None):
+        self.shift_C, self.rows_M, self.row_C, self.own = shift_C, rows_M, row_C, own
+        # Shared by shifts whose rows' deltas are the same (an edit's two modes at one scale): their predictions.
+        self.rows_memo = {} if rows_memo is None else rows_memo
+        self._deltas: torch.Tensor | None = None
+
+    @classmethod
+    def explicit(cls, shift_C: torch.Tensor, rows_M: torch.Tensor, deltas_MC: torch.Tensor) -> LogitShift:
+        """A shift given by its rows' whole deltas."""
+        return cls(shift_C, rows_M, torch.zeros_like(shift_C), RowTerm(deltas_MC))
 
     @classmethod
     def zero(cls, n_outputs: int = N_OUTPUTS) -> LogitShift:
-        return cls(torch.zeros(n_outputs), torch.zeros(0, dtype=torch.int64), torch.zeros(0, n_outputs))
+        return cls.explicit(torch.zeros(n_outputs), torch.zeros(0, dtype=torch.int64), torch.zeros(0, n_outputs))
+
+    @property
+    def deltas_MC(self) -> torch.Tensor:
+        """The rows' whole deltas [M, C] (made on first use)."""
+        if self._deltas is None:
+            self._deltas = self.row_C + self.own.full()
+        return self._deltas
 
     def dense(self, tokens_T: torch.Tensor) -> torch.Tensor:
         """The delta of each token in `tokens_T`: [T, C]."""
@@ -35,21 +97,29 @@ class LogitShift:
         where = torch.isin(tokens_T, self.rows_M)
         if where.any():
             position = torch.searchsorted(self.rows_M, tokens_T[where])
-            out_TC[where] = self.deltas_MC[position]
+            out_TC[where] = self.row_C + self.own.full(position)
         return out_TC
 
 
 @dataclass(frozen=True)
 class PatchBaseline:
-    """Baseline logits with, per token, its prediction and its `TOP` best classes (ascending class order) with their
-    logits: a shift that keeps one of those ahead of what any other class could reach is settled among them."""
+    """Baseline logits with, per token, its prediction, its margin over the runner-up and its `TOP` best classes, and
+    the tokens sorted by (prediction, margin). A shift d moves a token predicted p only if its margin is at most
+    max_{c != p} d_c - d_p: a binary search per class finds those few candidates, and only they are recomputed."""
 
     logits_NC: torch.Tensor
+    logits_CN: torch.Tensor  # the same, class-major: a few classes of many tokens are read at once
     pred_N: torch.Tensor
-    top_classes_NK: torch.Tensor  # the TOP best of outputs 1..150, in ascending class order
+    top_classes_NK: torch.Tensor  # the TOP best of outputs 1..150, in ascending class order (uint8)
     top_logits_NK: torch.Tensor  # their logits
+    pred_position_N: torch.Tensor  # where the prediction is among them (uint8)
+    margin_N: torch.Tensor  # the prediction's logit minus the runner-up's
     floor_N: torch.Tensor  # the TOP-th best logit: no class outside the TOP has more
     labels_N: torch.Tensor  # majority label of each patch (0 = other)
+    order_N: torch.Tensor  # tokens sorted by (prediction, margin)
+    key_N: torch.Tensor  # float64: margin + prediction x span, ascending along order_N
+    start_P: torch.Tensor  # [152]: class p's tokens are order_N[start_P[p]:start_P[p + 1]]
+    span: float  # a power of two above every margin: keys of different classes never interleave
     tolerance: float
 
     TOP = 8
@@ -59,34 +129,131 @@ class PatchBaseline:
         top = logits_NC[:, 1:].topk(min(cls.TOP, logits_NC.shape[1] - 1), dim=1)
         classes_NK, order = (top.indices + 1).sort(dim=1)
         scale = float(logits_NC.abs().max()) if logits_NC.numel() else 0.0
-        return cls(logits_NC, patch_predictions(logits_NC), classes_NK, top.values.gather(1, order),
-                   top.values[:, -1], labels_N.long(), RELATIVE_TOLERANCE * (1.0 + scale))
+        pred_N = patch_predictions(logits_NC)
+        margin_N = (top.values[:, 0] - top.values[:, 1]).double() if top.values.shape[1] > 1 else \
+            torch.full((len(logits_NC),), math.inf, dtype=torch.float64)
+        span = 2.0 ** math.ceil(math.log2(float(margin_N.max()) + 2.0)) if len(margin_N) else 1.0
+        by_margin = torch.argsort(margin_N, stable=True)
+        order_N = by_margin[torch.argsort(pred_N[by_margin], stable=True)]
+        start_P = torch.zeros(N_OUTPUTS + 1, dtype=torch.int64)
+        start_P[1:] = torch.cumsum(torch.bincount(pred_N, minlength=N_OUTPUTS), 0)
+        position_N = (classes_NK == pred_N[:, None]).int().argmax(1).to(torch.uint8)
+        return cls(logits_NC, logits_NC.T.contiguous(), pred_N, classes_NK.to(torch.uint8),
+                   top.values.gather(1, order), position_N, margin_N.float(), top.values[:, -1], labels_N.long(),
+                   order_N, margin_N[order_N] + pred_N[order_N].double() * span, start_P, span,
+                   RELATIVE_TOLERANCE * (1.0 + scale))
+
+    def candidates(self, d_C: torch.Tensor, tol: float) -> torch.Tensor:
+        """The tokens a shift d_C on every token might move: margin <= max_{c != p} d_c - d_p + tol (p predicted)."""
+        limit_P = self._loss(d_C.double()) + tol
+        limit_P[0] = -math.inf
+        classes_P = torch.arange(N_OUTPUTS, dtype=torch.float64)
+        end_P = torch.searchsorted(self.key_N, limit_P + classes_P * self.span, right=True)
+        start_P, stop_P = self.start_P[:-1], self.start_P[1:]
+        count_P = (torch.minimum(end_P, stop_P) - start_P).clamp(min=0)
+        first_P = torch.cumsum(count_P, 0) - count_P
+        slot_X = torch.arange(int(count_P.sum())) + torch.repeat_interleave(start_P - first_P, count_P)
+        return self.order_N[slot_X]
+
+    def moved(self, shift: LogitShift) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, new predictions) of the tokens whose argmax over 1..150 of logits + delta differs from the
+        baseline's; every other token keeps its prediction."""
+        d_C = shift.shift_C
+        tokens, preds = [], []
+        if bool(d_C.any()):
+            tol = self.tolerance + RELATIVE_TOLERANCE * float(d_C.abs().max())
+            cand_X = self.candidates(d_C, tol)
+            if len(shift.rows_M):
+                cand_X = cand_X[~torch.isin(cand_X, shift.rows_M)]
+            pred_X, settled_X = self._settle(cand_X, d_C, tol)
+            redo = (~settled_X).nonzero().squeeze(1)
+            if len(redo):
+                pred_X[redo] = patch_predictions(self.logits_NC[cand_X[redo]] + d_C)
+            tokens.append(cand_X)
+            preds.append(pred_X)
+        if len(shift.rows_M):
+            if "pred_M" not in shift.rows_memo:
+                shift.rows_memo["pred_M"] = self._row_predictions(shift)
+            tokens.append(shift.rows_M)
+            preds.append(shift.rows_memo["pred_M"])
+        if not tokens:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        tokens_X, pred_X = torch.cat(tokens), torch.cat(preds)
+        keep = pred_X != self.pred_N[tokens_X]
+        return tokens_X[keep], pred_X[keep]
+
+    def _row_predictions(self, shift: LogitShift) -> torch.Tensor:
+        """The rows' predictions: those whose margin exceeds what their delta can take from their prediction keep
+        it; the others are settled among their best classes, or recomputed."""
+        rows_M, row_C, own = shift.rows_M, shift.row_C, shift.own
+        own_MK, own_max_M, own_abs = own.top(self.top_classes_NK[rows_M])
+        tol = self.tolerance + RELATIVE_TOLERANCE * (float(row_C.abs().max()) + own_abs)
+        pred_M = self.pred_N[rows_M].clone()
+        own_pred_M = own_MK.gather(1, self.pred_position_N[rows_M].long()[:, None])[:, 0]
+        loss_M = self._loss(row_C)[pred_M] + own_max_M - own_pred_M
+        open_R = (self.margin_N[rows_M] <= loss_M + tol).nonzero().squeeze(1)
+        rows_R = rows_M[open_R]
+        pred_R, settled_R = self._settle(rows_R, row_C, tol, own_MK[open_R], own, own_max_M[open_R], open_R)
+        redo = (~settled_R).nonzero().squeeze(1)
+        if len(redo):
+            pred_R[redo] = patch_predictions(self.logits_NC[rows_R[redo]] + row_C + own.full(open_R[redo]))
+        pred_M[open_R] = pred_R
+        return pred_M
+
+    @staticmethod
+    def _loss(d_C: torch.Tensor) -> torch.Tensor:
+        """Per class p, max_{c != p} d_c - d_p over classes 1..150 ([151], p = 0 never predicted)."""
+        d_P = d_C[1:]
+        best = d_P.topk(2)
+        others_P = torch.where(torch.arange(len(d_P)) == best.indices[0], best.values[1], best.values[0])
+        return torch.cat([torch.zeros(1, dtype=d_C.dtype), others_P - d_P])
+
+    def _settle(self, tokens_X: torch.Tensor, d_C: torch.Tensor, tol: float, own_XK: torch.Tensor | None = None,
+                own: RowTerm | None = None, own_max_X: torch.Tensor | None = None,
+                own_rows_X: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, the argmax of logits + d (+ its own term) over its `TOP` best baseline classes and the `TOP`
+        classes d raises most, and whether it is proven the argmax over all classes: it beats what any other class
+        can reach, the token's floor + the next largest d (+ the own term's largest value)."""
+        top_XK = self.top_classes_NK[tokens_X].long()
+        raised = d_C[1:].topk(min(self.TOP + 1, len(d_C) - 1))
+        classes_J, next_d = raised.indices[:self.TOP] + 1, raised.values[-1]
+        values_XK = self.top_logits_NK[tokens_X] + d_C[top_XK]
+        values_XJ = (self.logits_CN[classes_J][:, tokens_X] + d_C[classes_J, None]).T
+        bound_X = self.floor_N[tokens_X] + next_d
+        if own is not None:
+            values_XK = values_XK + own_XK
+            values_XJ = values_XJ + own.at(classes_J)[own_rows_X]
+            bound_X = bound_X + own_max_X
+        values = torch.cat([values_XK, values_XJ], 1)
+        classes = torch.cat([top_XK, classes_J.expand(len(tokens_X), -1)], 1)
+        best_X, position_X = values.max(1)
+        pred_X = classes.gather(1, position_X[:, None])[:, 0]
+        # The first maximum, as argmax gives it, is the lowest class among those that reach the best value.
+        tied = ((values == best_X[:, None]).sum(1) > 1).nonzero().squeeze(1)
+        if len(tied):
+            pred_X[tied] = torch.where(values[tied] == best_X[tied, None], classes[tied], N_OUTPUTS).min(1).values
+        return pred_X, best_X - bound_X > tol
 
     def predictions_after(self, shift: LogitShift) -> torch.Tensor:
         """argmax over 1..150 of logits + delta, per token."""
+        tokens_X, pred_X = self.moved(shift)
         pred_N = self.pred_N.clone()
-        d_C = shift.shift_C
-        if bool(d_C.any()):
-            # Among a token's best classes, the first maximum of logit + d is the lowest class, as argmax gives it;
-            # it stands when it beats what any class outside them can reach (floor + the largest shift).
-            shifted_NK = self.top_logits_NK + d_C[self.top_classes_NK]
-            best_N, position_N = shifted_NK.max(1)
-            tol = self.tolerance + RELATIVE_TOLERANCE * float(d_C.abs().max())
-            settled_N = best_N - (self.floor_N + d_C[1:].max()) > tol
-            pred_N = torch.where(settled_N, self.top_classes_NK.gather(1, position_N[:, None])[:, 0], pred_N)
-            redo = (~settled_N).nonzero().squeeze(1)
-            if len(redo):
-                pred_N[redo] = patch_predictions(self.logits_NC[redo] + d_C)
-        if len(shift.rows_M):
-            pred_N[shift.rows_M] = patch_predictions(self.logits_NC[shift.rows_M] + shift.deltas_MC)
+        pred_N[tokens_X] = pred_X
         return pred_N
 
 
 class _Csr:
     """Per window, a few (key, count) entries: label histograms, or (label, prediction) pair counts."""
 
-    def __init__(self, window_E: torch.Tensor, key_E: torch.Tensor, n_windows: int):
-        unique, count = torch.unique(window_E * (N_OUTPUTS ** 2) + key_E, return_counts=True)
+    @staticmethod
+    def count_pairs(window_E: torch.Tensor, key_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window x 151^2 + key, how many) of each distinct pair, ascending."""
+        return torch.unique(window_E * (N_OUTPUTS ** 2) + key_E, return_counts=True)
+
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], n_windows: int):
+        """From the `count_pairs` of consecutive blocks of windows."""
+        unique = torch.cat([u for u, _ in blocks]) if blocks else torch.zeros(0, dtype=torch.int64)
+        count = torch.cat([c for _, c in blocks]) if blocks else torch.zeros(0, dtype=torch.int64)
         self.ptr = torch.zeros(n_windows + 1, dtype=torch.int64)
         self.ptr[1:] = torch.cumsum(torch.bincount(unique // (N_OUTPUTS ** 2), minlength=n_windows), 0)
         self.key, self.count = unique % (N_OUTPUTS ** 2), count
@@ -123,15 +290,25 @@ class PixelBaseline:
         n_images, crop = pixel_labels_BHW.shape[0], pixel_labels_BHW.shape[-1]
         geo = WindowGeometry.build(n_images, grid, crop)
         labels_S = geo.per_shape(pixel_labels_BHW.to(torch.uint8))
-        windows, labels, pairs = [], [], []
-        for shape, labels_RX, preds_RX in zip(geo.shapes, labels_S, geo.per_shape(pixel_pred_BHW.long())):
-            ids = (torch.arange(n_images)[:, None] * grid * grid + shape.positions_Q[None]).reshape(-1)
-            keep = labels_RX != 0
-            windows.append(ids[:, None].expand_as(labels_RX)[keep])
-            labels.append(labels_RX[keep].long())
-            pairs.append(labels[-1] * N_OUTPUTS + preds_RX[keep])
-        windows, labels, pairs = torch.cat(windows), torch.cat(labels), torch.cat(pairs)
-        counts = torch.bincount(pairs, minlength=N_OUTPUTS ** 2).reshape(N_OUTPUTS, N_OUTPUTS)
+        # Each window's label histogram and (label, prediction) counts, made a block of images at a time: blocks
+        # come in window order, so their entries concatenate in order.
+        hist, pairs_of, counts = [], [], torch.zeros(N_OUTPUTS ** 2, dtype=torch.int64)
+        step = max(1, CHUNK_VALUES // (crop * crop))
+        for a in range(0, n_images, step):
+            b = min(a + step, n_images)
+            windows, labels, pairs = [], [], []
+            for shape, labels_RX, preds_RX in zip(geo.shapes, geo.per_shape(pixel_labels_BHW[a:b]),
+                                                  geo.per_shape(pixel_pred_BHW[a:b])):
+                ids = (torch.arange(a, b)[:, None] * grid * grid + shape.positions_Q[None]).reshape(-1)
+                keep = labels_RX != 0
+                windows.append(ids[:, None].expand_as(labels_RX)[keep])
+                labels.append(labels_RX[keep].long())
+                pairs.append(labels[-1] * N_OUTPUTS + preds_RX[keep].long())
+            windows, labels, pairs = torch.cat(windows), torch.cat(labels), torch.cat(pairs)
+            counts += torch.bincount(pairs, minlength=N_OUTPUTS ** 2)
+            hist.append(_Csr.count_pairs(windows, labels))
+            pairs_of.append(_Csr.count_pairs(windows, pairs))
+        counts = counts.reshape(N_OUTPUTS, N_OUTPUTS)
         tolerance = RELATIVE_TOLERANCE * (1.0 + (float(logits_NC.abs().max()) if logits_NC.numel() else 0.0))
         win_class, win_margin, keys, margins = [], [], [], []
         step = max(1, CHUNK_VALUES // (4 * N_OUTPUTS))
@@ -153,8 +330,7 @@ class PixelBaseline:
         least = torch.full((len(unique),), float("inf")).scatter_reduce(
             0, inverse, torch.cat(margins) if margins else torch.zeros(0), reduce="amin")
         return cls(geo, torch.cat(win_class), torch.cat(win_margin), unique // N_OUTPUTS, unique % N_OUTPUTS, least,
-                   labels_S, _Csr(windows, labels, geo.n_windows), _Csr(windows, pairs, geo.n_windows), counts,
-                   tolerance)
+                   labels_S, _Csr(hist, geo.n_windows), _Csr(pairs_of, geo.n_windows), counts, tolerance)
 
     def counts_after(self, patch: PatchBaseline, shift: LogitShift,
                      per_image: ImageCounts | None = None) -> torch.Tensor:

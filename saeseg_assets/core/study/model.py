@@ -9,7 +9,7 @@ import torch
 from ..probe.metrics import N_OUTPUTS, ConfusionMatrix
 from .codes import Codes
 from .logit_shift import PatchBaseline, PixelBaseline
-from .threads import single_thread
+from .workers import single_thread
 
 
 class SuppressionModel:
@@ -31,10 +31,9 @@ class SuppressionModel:
             self.pixel = (PixelBaseline.build(codes.logits_NC, pixel_labels_BHW, codes.pixel_pred_BHW, grid)
                           if pixel else None)
         self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK) if pixel else None
-        labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1).long()
-        offsets = torch.arange(len(labels_BX))[:, None] * N_OUTPUTS
-        self.pixels_BC = torch.bincount((labels_BX + offsets).reshape(-1),
-                                        minlength=len(labels_BX) * N_OUTPUTS).reshape(-1, N_OUTPUTS)
+        self.pixels_BC = torch.cat([_class_pixels(pixel_labels_BHW[a:a + 64])
+                                    for a in range(0, len(pixel_labels_BHW), 64)]) if len(pixel_labels_BHW) else \
+            torch.zeros(0, N_OUTPUTS, dtype=torch.int64)
 
     @property
     def n_tokens(self) -> int:
@@ -47,6 +46,14 @@ class SuppressionModel:
     def decoder_logits(self, latents: tuple[int, ...]) -> torch.Tensor:
         """P_LC = W_dec[L] W_probe^T: what one unit of each latent adds to the logits."""
         return self.W_dec_SD[list(latents)] @ self.probe_W_CD.T
+
+
+def _class_pixels(pixel_labels_BHW: torch.Tensor) -> torch.Tensor:
+    """Pixels of each label per image: [B, 151]."""
+    labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1).long()
+    offsets = torch.arange(len(labels_BX))[:, None] * N_OUTPUTS
+    return torch.bincount((labels_BX + offsets).reshape(-1), minlength=len(labels_BX) * N_OUTPUTS).reshape(
+        -1, N_OUTPUTS)
 
 
 def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixel: bool = True) -> SuppressionModel:

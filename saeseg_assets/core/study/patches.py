@@ -3,6 +3,7 @@ per image, how many of each an edit or one of its controls changes; kept per ima
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,35 +11,43 @@ import torch
 
 from ..settings import SuppressionSettings
 from .controls import control_draws
-from .edit import Edit, direction_shift, edit_shift, latent_edit
+from .edit import LatentEffect
+from .logit_shift import LogitShift
 from .measures import ratio
 from .model import SuppressionModel
+
+EFFECT_CACHE_BYTES = 1 << 28  # latent sets' effects kept for their other scales, modes and controls
+CHANGED_CACHE = 1 << 24  # changed tokens kept over the settings already evaluated
 
 
 @dataclass(frozen=True)
 class Changed:
-    """The patch predictions after one edit or control, and per image how many target and other patches changed."""
+    """The tokens whose patch prediction one edit or control changes, their new predictions, and per image how many
+    target and other patches changed."""
 
-    pred_N: torch.Tensor
+    tokens_X: torch.Tensor
+    pred_X: torch.Tensor
     target_B: np.ndarray
     other_B: np.ndarray
 
 
 class ClassPatches:
-    """The patch groups of one class, the image of each token, and the control draws of each latent set (a function
-    of the class, the set and the seed: made once)."""
+    """The patch groups of one class, the effects of the latent sets it suppresses (each made once, kept while
+    there is room) and the control draws of each latent set (a function of the class, the set and the seed)."""
 
     def __init__(self, model: SuppressionModel, class_index: int):
         self.model, self.class_index = model, class_index
-        labels_N = model.patch.labels_N
-        self.image_N = torch.arange(len(labels_N)) // (model.grid * model.grid)
-        self.target_N = labels_N == class_index
-        self.other_N = (labels_N != 0) & ~self.target_N
-        self.target_B, self.other_B = self._per_image(self.target_N), self._per_image(self.other_N)
+        labels_N, self.per_image_tokens = model.patch.labels_N, model.grid * model.grid
+        target_T = (labels_N == class_index).nonzero().squeeze(1)
+        other_T = ((labels_N != 0) & (labels_N != class_index)).nonzero().squeeze(1)
+        self.target_B, self.other_B = self._per_image(target_T), self._per_image(other_T)
+        self.target_hits = int((model.patch.pred_N[target_T] == class_index).sum())
         self._draws: dict[tuple[int, ...], list] = {}
+        self._effects: OrderedDict[tuple[int, ...], LatentEffect] = OrderedDict()
+        self._changed: OrderedDict[tuple, Changed] = OrderedDict()
 
-    def _per_image(self, mask_N: torch.Tensor) -> np.ndarray:
-        return torch.bincount(self.image_N[mask_N], minlength=self.model.n_images).numpy()
+    def _per_image(self, tokens_T: torch.Tensor) -> np.ndarray:
+        return torch.bincount(tokens_T // self.per_image_tokens, minlength=self.model.n_images).numpy()
 
     @property
     def n_target(self) -> int:
@@ -50,25 +59,51 @@ class ClassPatches:
                                                  self.class_index, latents, config)
         return self._draws[latents]
 
-    def edit(self, latents: tuple[int, ...], mode: str, scale: float, columns=None) -> tuple[Edit, Changed]:
-        """The edit of a latent set, and what it changes."""
-        edit = latent_edit(self.model, latents, scale, mode, columns)
-        return edit, self.changed(self.model.patch.predictions_after(edit_shift(self.model, edit)))
+    def effect(self, latents: tuple[int, ...]) -> LatentEffect:
+        """The latent set's effect, from the cache where it was made before (least recently used ones dropped)."""
+        latents = tuple(latents)
+        if latents in self._effects:
+            self._effects.move_to_end(latents)
+            return self._effects[latents]
+        effect = self._effects[latents] = LatentEffect(self.model, latents)
+        size = sum(e.size_bytes for e in self._effects.values())
+        while len(self._effects) > 1 and size > EFFECT_CACHE_BYTES:
+            _, dropped = self._effects.popitem(last=False)
+            size -= dropped.size_bytes
+        return effect
 
-    def changed(self, pred_N: torch.Tensor) -> Changed:
-        moved_N = pred_N != self.model.patch.pred_N
-        return Changed(pred_N, self._per_image(moved_N & self.target_N), self._per_image(moved_N & self.other_N))
+    def edit(self, latents: tuple[int, ...], mode: str, scale: float) -> tuple[LatentEffect, Changed]:
+        """The effect of a latent set, and what its edit at (mode, scale) changes (kept: the sweep, the tuning's
+        checks and the validation measures meet the same settings)."""
+        effect, key = self.effect(latents), (tuple(latents), mode, float(scale))
+        if key not in self._changed:
+            self._changed[key] = self.changed(effect.shift(scale, mode))
+            while len(self._changed) > 1 and sum(len(c.tokens_X) for c in self._changed.values()) > CHANGED_CACHE:
+                self._changed.popitem(last=False)
+        return effect, self._changed[key]
 
-    def controls(self, edit: Edit, draws: list, scale: float, mode: str) -> tuple[list[Changed], list[Changed]]:
+    def changed(self, shift: LogitShift) -> Changed:
+        tokens_X, pred_X = self.model.patch.moved(shift)
+        labels_X = self.model.patch.labels_N[tokens_X]
+        target = labels_X == self.class_index
+        return Changed(tokens_X, pred_X, self._per_image(tokens_X[target]),
+                       self._per_image(tokens_X[(labels_X != 0) & ~target]))
+
+    def controls(self, effect: LatentEffect, draws: list, scale: float,
+                 mode: str) -> tuple[list[Changed], list[Changed]]:
         """Per seed, what the random latents (matched in frequency) change, and what a random unit direction given
         the edit's own norm on every token changes."""
         random_latents, random_direction = [], []
         for latents, direction_D in draws:
-            shift = edit_shift(self.model, latent_edit(self.model, latents, scale, mode))
-            random_latents.append(self.changed(self.model.patch.predictions_after(shift)))
-            shift = direction_shift(self.model, edit, direction_D)
-            random_direction.append(self.changed(self.model.patch.predictions_after(shift)))
+            random_latents.append(self.changed(self.effect(latents).shift(scale, mode)))
+            random_direction.append(self.changed(effect.direction_shift(self.model, direction_D, scale, mode)))
         return random_latents, random_direction
+
+    def predictions(self, changed: Changed) -> torch.Tensor:
+        """Every token's patch prediction after the edit."""
+        pred_N = self.model.patch.pred_N.clone()
+        pred_N[changed.tokens_X] = changed.pred_X
+        return pred_N
 
     def target_rate(self, changed: Changed) -> float:
         return ratio(changed.target_B.sum(), self.target_B.sum())
@@ -76,6 +111,9 @@ class ClassPatches:
     def other_rate(self, changed: Changed) -> float:
         return ratio(changed.other_B.sum(), self.other_B.sum())
 
-    def target_accuracy(self, pred_N: torch.Tensor) -> float:
+    def target_accuracy(self, changed: Changed) -> float:
         """The share of target patches predicted as the class."""
-        return ratio(int((pred_N[self.target_N] == self.class_index).sum()), self.n_target)
+        c, patch = self.class_index, self.model.patch
+        target = patch.labels_N[changed.tokens_X] == c
+        gained = int((changed.pred_X[target] == c).sum()) - int((patch.pred_N[changed.tokens_X[target]] == c).sum())
+        return ratio(self.target_hits + gained, self.n_target)

@@ -79,22 +79,25 @@ def compute_codes(sae, probe, cache: ActivationCache, device: str = "cpu", block
         for start, block in cache.iter_blocks(("activations",), block_images, start=a, stop=b):
             acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
             tok_M, lat_M, val_M = nonzero_codes(*sae.encode(acts_BPD.reshape(-1, cache.d_model)))
-            tok_parts.append(tok_M.cpu() + (first + start - a) * cache.n_patches)
-            lat_parts.append(lat_M.cpu())
+            # Token and latent ids as int32 (what the file holds): half the memory of a split's codes.
+            tok_parts.append((tok_M.cpu() + (first + start - a) * cache.n_patches).to(torch.int32))
+            lat_parts.append(lat_M.cpu().to(torch.int32))
             val_parts.append(val_M.float().cpu())
             # The same arithmetic as the probe's evaluation, so baseline figures agree with `baseline_metrics`.
             logits_BPC = torch.einsum("bpd,cd->bpc", acts_BPD, probe_dev.weight_CD) + probe_dev.bias_C
             logit_parts.append(logits_BPC.reshape(-1, logits_BPC.shape[-1]).cpu())
             pixel_parts.append(pixel_predictions(grid_logits(logits_BPC, cache.grid), crop).to(torch.uint8).cpu())
         first += b - a
-    tokens = torch.cat(tok_parts) if tok_parts else torch.zeros(0, dtype=torch.int64)
-    latents = torch.cat(lat_parts) if lat_parts else torch.zeros(0, dtype=torch.int64)
+    tokens = torch.cat(tok_parts) if tok_parts else torch.zeros(0, dtype=torch.int32)
+    latents = torch.cat(lat_parts) if lat_parts else torch.zeros(0, dtype=torch.int32)
     values = torch.cat(val_parts) if val_parts else torch.zeros(0)
+    del tok_parts, lat_parts, val_parts
     # Sort by (latent, token): tokens arrive ascending, so a stable sort by latent suffices.
     order = torch.argsort(latents, stable=True)
     indptr = torch.zeros(sae.spec.d_sae + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.bincount(latents, minlength=sae.spec.d_sae), 0)
-    codes = Codes(indptr, tokens[order].to(torch.int32), values[order], torch.cat(logit_parts),
+    del latents
+    codes = Codes(indptr, tokens[order], values[order], torch.cat(logit_parts),
                      torch.cat(pixel_parts),
                      {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
                       "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}})

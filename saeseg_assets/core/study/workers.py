@@ -1,25 +1,28 @@
 """Where the per-class work runs: on one torch thread per process (it is many small tensor ops, for which intra-op
 threads cost more in synchronisation than they save), and for many classes in worker processes side by side.
 
-Workers are forked once the run's shared inputs are loaded, so every worker reads the same memory (copy on write:
-the study never writes to them) instead of loading or receiving its own copy. Each class's report is a function of
-the inputs, the class and the settings alone, so the reports do not depend on the number of workers."""
+Workers are started fresh (spawned: a fork of a process with threads, such as a Dagster run's, can deadlock) and get
+the run's shared inputs as torch tensors in shared memory: the tensors move to shared memory once and every worker maps
+the same pages, with no copy per worker. Each class's report is a function of the inputs, the class and the settings
+alone, so the reports do not depend on the number of workers. A worker that dies fails the run, naming the class."""
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
+import torch.multiprocessing as torch_mp
 
 from ..report.results import ClassReport, Selection
 from ..settings import SuppressionSettings
 
 Job = tuple[int, Selection, dict[str, tuple[int, ...]]]  # (class index, selection, rankings)
-_SHARED: tuple | None = None  # (model, tuning, config) in a forked worker
+_SHARED: tuple | None = None  # (model, tuning, config) in a worker
 
 
 @contextlib.contextmanager
@@ -40,20 +43,29 @@ def machine_cores() -> int:
 
 def study_classes(model, tuning, jobs: list[Job], config: SuppressionSettings = SuppressionSettings(),
                   workers: int = 1) -> Iterator[tuple[ClassReport, float]]:
-    """Each job's report and the seconds its study took, in the jobs' order, studied in `workers` forked processes
-    (1, or where processes cannot be forked: in this one)."""
-    global _SHARED
+    """Each job's report and the seconds its study took, in the jobs' order, studied in `workers` worker processes
+    (1: in this one)."""
     workers = min(workers, len(jobs))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1:
         for job in jobs:
             yield _timed(model, tuning, job, config)
         return
+    with ProcessPoolExecutor(workers, mp_context=torch_mp.get_context("spawn"), initializer=_start,
+                             initargs=(model, tuning, config)) as pool:
+        futures = [pool.submit(_study, job) for job in jobs]
+        for job, future in zip(jobs, futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError(f"a class-study worker died (killed for memory?) while class {job[0]} was "
+                                   "studied or waited: set SAESEG_CLASS_WORKERS lower") from exc
+
+
+def _start(model, tuning, config: SuppressionSettings) -> None:
+    """A worker's start: one torch thread, and the shared inputs it was given."""
+    global _SHARED
+    torch.set_num_threads(1)
     _SHARED = (model, tuning, config)
-    try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.imap(_study, jobs)
-    finally:
-        _SHARED = None
 
 
 def _timed(model, tuning, job: Job, config: SuppressionSettings) -> tuple[ClassReport, float]:

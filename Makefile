@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml deploy/requirements.lock
 	$(PY) -m pip install -q torch==2.13.0 uv==0.13.9
 	.venv/bin/uv pip install -q --python $(PY) --no-deps -r deploy/requirements.lock
 	.venv/bin/uv pip install -q --python $(PY) --no-deps -e .
+	grep -q DAGSTER_MODULE_NAME .venv/bin/activate || printf '%s\n' '' '# saeseg (Makefile): the project'"'"'s instance and code for dagster and dg' \
+	  'export DAGSTER_HOME="$${DAGSTER_HOME:-$${VIRTUAL_ENV%/*}/data/dagster_home}"' 'export DAGSTER_MODULE_NAME=saeseg_assets' \
+	  >> .venv/bin/activate
 	rm -f .venv/.installed-*
 	touch $@
 
@@ -29,9 +32,9 @@ $(INSTANCE):
 	printf '%s\n' '# Written by make (Makefile, target instance); make never overwrites it.' \
 	  'run_monitoring:' '  enabled: true' '  poll_interval_seconds: 10' 'telemetry:' '  enabled: false' > $@
 
-# The demo's steps one after the other in each run's own process: every torch step gets all the cores (two side by
-# side fight for them), and no step pays the seconds of starting a process (README, "One GPU step at a time").
-MATERIALIZE := .venv/bin/dagster asset materialize -m saeseg_assets --config-json '{"execution": {"config": {"in_process": {}}}}'
+# Each run's steps one after the other in the run's own process (the definitions' default executor): every torch step
+# gets all the cores, and no step pays the seconds of starting a process (README, "One GPU step at a time").
+MATERIALIZE := .venv/bin/dagster asset materialize -m saeseg_assets
 demo: $(STAMP) $(INSTANCE)
 	$(MATERIALIZE) --select '$(SHARED)'
 	$(MATERIALIZE) --select 'class_latents,suppression_report' --partition-range 001_wall...150_flag

@@ -24,6 +24,7 @@ class Environment:
     checkpoint_quiet_s: float = QUIET_PERIOD_S  # SAESEG_CHECKPOINT_QUIET_S: how long a checkpoint must stay untouched
     classes_per_run: int | None = None  # SAESEG_CLASSES_PER_RUN: most classes per backfill run; None, all in one
     class_workers: int = 0  # SAESEG_CLASS_WORKERS: processes studying classes side by side; 0, one per core
+    executor: str = "in_process"  # SAESEG_EXECUTOR: how a run that does not say executes its steps
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Environment:
@@ -48,6 +49,9 @@ class Environment:
         device = text("SAESEG_DEVICE", default.device).strip() or default.device
         if device != "cpu" and not device.startswith("cuda"):
             raise ValueError(f"SAESEG_DEVICE={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        executor = text("SAESEG_EXECUTOR", default.executor).strip() or default.executor
+        if executor not in ("in_process", "multiprocess"):
+            raise ValueError(f"SAESEG_EXECUTOR={executor!r}: expected 'in_process' or 'multiprocess'")
         return cls(data_dir=text("SAESEG_DATA", default.data_dir), ade20k_root=text("SAESEG_ADE20K_ROOT", ""),
                    backbone=text("SAESEG_BACKBONE", default.backbone), device=device,
                    sae_checkpoint=text("SAESEG_SAE_CHECKPOINT", ""),
@@ -55,7 +59,7 @@ class Environment:
                    sensor_interval_s=number("SAESEG_SENSOR_INTERVAL_S", int, default.sensor_interval_s, 1),
                    checkpoint_quiet_s=number("SAESEG_CHECKPOINT_QUIET_S", float, default.checkpoint_quiet_s, 0.0),
                    classes_per_run=number("SAESEG_CLASSES_PER_RUN", int, None, 1),
-                   class_workers=number("SAESEG_CLASS_WORKERS", int, 0, 0))
+                   class_workers=number("SAESEG_CLASS_WORKERS", int, 0, 0), executor=executor)
 
 
 ENV = Environment.read()

@@ -16,6 +16,7 @@ from saeseg_assets_tests.conftest import write_tiny_ade20k, write_tiny_dinov2
 
 D_MODEL = 32  # the tiny Dinov2's hidden size
 DAGSTER = Path(sys.executable).with_name("dagster")
+ROOT = Path(__file__).resolve().parents[1]  # the project root, where pyproject.toml configures dg
 
 
 def write_checkpoints(sae_folder: Path, probe_folder: Path, seed: int = 0) -> None:
@@ -50,11 +51,19 @@ def tiny_env(root: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def materialize(env: dict[str, str], *args: str) -> None:
-    command = [str(DAGSTER), "asset", "materialize", "-m", "saeseg_assets", *args]
-    done = subprocess.run(command, cwd=Path(env["DAGSTER_HOME"]).parent, env=env, capture_output=True, text=True,
-                          timeout=600)
+def run(env: dict[str, str], command: list[str], cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr
+
+
+def materialize(env: dict[str, str], *args: str) -> None:
+    run(env, [str(DAGSTER), "asset", "materialize", "-m", "saeseg_assets", *args], Path(env["DAGSTER_HOME"]).parent)
+
+
+def project_shell(env: dict[str, str]) -> dict[str, str]:
+    """The environment `source .venv/bin/activate` gives (the Makefile adds the two DAGSTER_ variables)."""
+    return {**env, "VIRTUAL_ENV": sys.prefix, "DAGSTER_MODULE_NAME": "saeseg_assets"}
 
 
 def materializations(instance: dg.DagsterInstance, key: str, partition: str | None = None) -> int:
@@ -84,9 +93,15 @@ def test_readme_cli_commands(tmp_path):
         report_key = event.asset_materialization.metadata["key"].value
     assert (data / "suppression_report" / report_key / "010_grass" / "report.json").exists()
 
-    materialize(env, "--select", "suppression_report", "--partition", "010_grass")
+    # The design card's command as written (no -m: DAGSTER_MODULE_NAME), and dg's from the project root.
+    shell = project_shell(env)
+    out = run(shell, [str(DAGSTER), "asset", "materialize", "--select", "suppression_report", "--partition",
+                      "010_grass"], Path(env["DAGSTER_HOME"]).parent)
+    assert "Executing steps in process" in out  # one process for the selection unless a run asks for more
+    run(shell, [str(DAGSTER.with_name("dg")), "launch", "--assets", "suppression_report", "--partition", "010_grass"],
+        ROOT)
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        assert materializations(instance, "suppression_report", "010_grass") == 2
+        assert materializations(instance, "suppression_report", "010_grass") == 3
         assert materializations(instance, "sae_weights") == 1  # the upstream was reused, not redone
         assert materializations(instance, "class_latents", "010_grass") == 1
 

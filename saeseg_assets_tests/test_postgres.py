@@ -32,6 +32,8 @@ CLASSES = list(class_partitions.get_partition_keys())
 CLASSWISE = "class_latents,suppression_report"
 REPORT = "suppression_report"
 IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})  # no process per step: setup only
+# The fault tests' runs keep a process per step, as a deployment that isolates steps does: what they kill and stop.
+STEP_PROCESSES = {"SAESEG_EXECUTOR": "multiprocess"}
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +332,7 @@ def test_runs_killed_mid_way_are_failed_and_relaunching_their_classes_completes_
     is gone; for the second, the code server is paused, so the daemon's run monitoring has to notice."""
     from saeseg_assets.launcher import worker_process
 
-    world = world_factory("killed", SAESEG_CLASSES_PER_RUN="30")
+    world = world_factory("killed", SAESEG_CLASSES_PER_RUN="30", **STEP_PROCESSES)
     backfill_id = world.backfill(CLASSES[0], CLASSES[-1])
     with world.daemon() as daemon, world.instance() as instance:
         victims, messages = [], []
@@ -389,7 +391,7 @@ def test_a_run_fails_when_the_database_stops_and_nothing_recorded_is_lost(world_
         worker_process,
     )
 
-    world = world_factory("db_stopped")
+    world = world_factory("db_stopped", **STEP_PROCESSES)
     backfill_id = world.backfill(CLASSES[0], CLASSES[59])  # one run (the default policy)
     with world.daemon():
         with world.instance() as instance:
@@ -422,7 +424,7 @@ def test_a_run_fails_when_the_database_stops_and_nothing_recorded_is_lost(world_
 
 @pytest.mark.slow
 def test_two_runs_writing_the_same_classes_at_once_both_finish_with_whole_folders(world_factory):
-    world = world_factory("twice")
+    world = world_factory("twice", **STEP_PROCESSES)
     command = [str(BIN / "dagster"), "asset", "materialize", "-m", "saeseg_assets", "--select", CLASSWISE,
                "--partition-range", f"{CLASSES[0]}...{CLASSES[29]}"]
     runs = [subprocess.Popen(command, env=world.env, cwd=world.root, stdout=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
@@ -166,10 +167,67 @@ def test_the_summary_page_is_self_contained():
     png = label_panels_png([], [("rgb", "image")], "none")
     summary = study_summary(REPORTS, summary_rows(REPORTS), setting_counts(dose_rows(REPORTS)), ("f1",), n_stale=0)
     page = summary_html(summary, class_rows(REPORTS), {"specificity": png}, REPORTS,
-                        {"010_grass": {"examples": png}})
+                        {"010_grass": {"examples": png}}, {"dataset": "the embedded default, NOT ADE20K"})
     assert summary.result in page and "1 of 2 present classes are class-specific" in page
+    # What it is made from comes right after the headline; a class's table of both settings before its pictures.
+    assert page.index(summary.result) < page.index("NOT ADE20K") < page.index("Evaluated classes")
+    grass = page[page.index('id="010_grass"'):]
+    assert grass.index("rand. lat. target") < grass.index("data:image") < grass.index("Validation sweep of the f1")
     assert page.count("data:image/png;base64") == 1 and page.count("data:image/jpeg;base64") == 1
     assert "Classes not evaluated (1)" in page and "150_flag" in page
     for remote in ("http:", "https:", "<link", "src=\"/", "@import", "url("):
         assert remote not in page, remote
     assert '<script src' not in page and 'id="010_grass"' in page
+
+
+def test_small_rates_keep_two_significant_digits_and_zeros_read_zero():
+    from saeseg_assets.core.report.tables import rate_text
+
+    assert rate_text(0.0027, Interval(0.0016, 0.0041)) == "0.0027 [0.0016, 0.0041]"
+    assert rate_text(0.97, Interval(0.93, 0.99)) == "0.97 [0.93, 0.99]"
+    assert rate_text(0.056, Interval(0.04, 0.07)) == "0.056 [0.040, 0.070]"
+    assert rate_text(0.0, Interval(0.0, 0.0)) == "0 [0, 0]"
+    assert rate_text(0.3, Interval(math.nan, math.nan)) == "0.30"
+
+
+def test_the_class_sentence_names_the_criterion_that_failed():
+    from saeseg_assets.core.report.text import class_sentence
+
+    # 003_sky: target 0.2 < 0.5. 010_grass: specific, nothing to name.
+    sky, grass = class_sentence(REPORTS[1]), class_sentence(REPORTS[0])
+    assert "not class-specific (target 0.20 < 0.5)" in sky
+    assert "at the original setting (-2 x max on every token, 3 latents by f1) class-specific:" in grass
+    # Target 0.6 against other 0.25: 0.6 < 3 x 0.25. Then other 0.01 but a control draw at 0.4: 0.6 < 2 x 0.4.
+    base = measured(CONFIGURED, 0.6, False)
+    over_other = replace(REPORTS[1], configured=replace(base, patch=replace(base.patch, other_change_rate=0.25)))
+    assert "not class-specific (target 0.60 < 3 x other 0.25)" in class_sentence(over_other)
+    loud = replace(base.patch.random_direction, target_change_max=0.4)
+    control = replace(REPORTS[1], configured=replace(base, patch=replace(base.patch, random_direction=loud)))
+    assert "not class-specific (target 0.60 < 2 x the largest random direction draw 0.40)" in class_sentence(control)
+
+
+def test_the_classes_table_shows_each_rate_with_its_interval_in_one_cell():
+    from saeseg_assets.core.report.results import CLASSES, CLASSES_TUNED
+
+    narrow = record_markdown(class_rows(REPORTS), ClassRow, CLASSES)
+    # grass: target 0.8 [0.7, 0.8], other 0.01 [0, 0.02], controls 0.1 [0.05, 0.15].
+    assert "| 010_grass | 40 | 0.80 [0.70, 0.80] | 0.010 [0, 0.020] | 0.10 [0.05, 0.15] |" in narrow
+    tuned = record_markdown(class_rows(REPORTS), ClassRow, CLASSES_TUNED)
+    assert "0.90 [0.80, 0.90]" in tuned and "| 003_sky | not tuned | - | - | - |" in tuned
+    whole = record_markdown(class_rows(REPORTS), ClassRow)
+    assert "_ci_" not in whole and "0.80 [0.70, 0.80]" in whole
+
+
+def test_the_upper_bound_counts_a_class_specific_at_any_measured_setting():
+    from saeseg_assets.core.report.summary import upper_bound
+
+    # sky is specific only at its tuned setting: no single sweep setting shows it, the upper bound does.
+    sky = replace(report("003_sky", 3, 0.2, False, True), tuned_per_rule={})
+    reports = [REPORTS[0], sky]
+    summary = study_summary(reports, summary_rows(reports), setting_counts(dose_rows(reports)), ("f1",), n_stale=0)
+    f = summary.figures
+    assert upper_bound(reports) == f.n_specific_oracle == 2
+    counts = [f.n_specific, f.n_specific_tuned, *(r.counts.n_specific for r in summary.per_rule),
+              *(c.counts.n_specific for c in summary.per_setting)]
+    assert f.n_specific_oracle >= max(counts)
+    assert max(c.counts.n_specific for c in summary.per_setting) == 1

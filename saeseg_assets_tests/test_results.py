@@ -76,8 +76,9 @@ def test_nan_is_null_in_the_file_and_nan_again_in_the_record(tmp_path):
     back = read_result(tmp_path / "summary.json", StudySummary)
     assert math.isnan(back.figures.mean_tpp_score) and back.figures.tuned is None and same(back, summary)
     assert back.per_setting == () and isinstance(back.figures, SummaryFigures)  # no row with controls: no count
-    rows = [ClassRow("010_grass", "grass", 5, 1.0, 0.0, 0.1, 0.2, 0.5, math.nan, 0.3, True, "not tuned", math.nan,
-                     math.nan, None)]
+    ci, none = Interval(0.9, 1.0), Interval(math.nan, math.nan)
+    rows = [ClassRow("010_grass", "grass", 5, 1.0, ci, 0.0, ci, 0.1, ci, 0.2, ci, 0.5, math.nan, 0.3, True,
+                     "not tuned", math.nan, none, math.nan, none, None)]
     write_result(tmp_path / "classes.json", ClassTable(tuple(rows)))
     assert strict((tmp_path / "classes.json").read_text())["rows"][0]["target_iou_after"] is None
     assert same(read_result(tmp_path / "classes.json", ClassTable).rows, rows)

@@ -54,7 +54,7 @@ METRIC_NAMES = ("target_iou_before", "target_iou_after", "target_accuracy_before
                 "other_miou_before", "other_miou_after", "target_change_rate", "other_change_rate",
                 "random_latents_target_change_rate", "random_latents_other_change_rate",
                 "random_direction_target_change_rate", "random_direction_other_change_rate", "tpp_score",
-                "target_iou_change", "target_change_rate_ci_low", "random_direction_target_change_max")
+                "target_iou_change", "random_direction_target_change_max")
 
 
 @dataclass
@@ -142,16 +142,19 @@ def test_one_class_and_an_absent_class(world):
     meta = asset_metadata(result, "suppression_report", "010_grass")
     for name in (*METRIC_NAMES, "latents", "scale", "mode", "specific", "summary", "examples", "key", "tuned_mode",
                  "tuned_scale", "tuned_n_latents", "tuned_rule", "tuned_target_change_rate", "tuned_other_change_rate",
-                 "tuned_specific", "tpp_score", "tuned_tpp_score", "target_change_rate_ci_low",
-                 "tuned_target_change_rate_ci_high"):
+                 "tuned_specific", "tpp_score", "tuned_tpp_score", "sweep"):
         assert name in meta, name
-    assert list(meta)[0] == "result" and meta["result"].startswith("grass: at the original setting")
-    assert meta["target_change_rate_ci_low"] <= meta["target_change_rate"] <= meta["target_change_rate_ci_high"]
+    # The sentence, then one table of both settings with controls and intervals (no separate interval entries).
+    assert list(meta)[:2] == ["result", "summary"] and meta["result"].startswith("grass: at the original setting")
+    assert not [name for name in meta if "_ci_" in name]
+    ci = report.configured.patch.target_change_rate_ci
+    assert f"{report.configured.patch.target_change_rate:.2f} [{ci.low:.2f}, {ci.high:.2f}]" in meta["summary"]
     assert all(isinstance(meta[name], float) for name in METRIC_NAMES)
     assert meta["scale"] == -2.0 and meta["mode"] == "every_token" and isinstance(meta["specific"], bool)
     # The probe reads grass from the direction the SAE's latent 3 decodes: suppressing it changes grass patches.
     assert meta["target_change_rate"] > 0.5 and meta["target_iou_after"] < meta["target_iou_before"]
-    assert "| mode |" in meta["summary"] and "data:image/png;base64" in meta["examples"]
+    assert "| rand. dir. target |" in meta["summary"] and "| mode |" in meta["sweep"]
+    assert "data:image/png;base64" in meta["examples"]
     assert meta["legend"].startswith("colours: grass (target, outlined)") and "class-specific:" in meta[
         "specificity_rule"]
     examples = load_examples(world.folder("suppression_report", "010_grass"))

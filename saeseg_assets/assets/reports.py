@@ -147,11 +147,17 @@ def _report_metadata(report, folder) -> dict:
     from ..core.report.records import flat
     from ..core.report.study_pictures import example_rows, legend_classes
     from ..core.report.summary import summary_rows
-    from ..core.report.text import class_sentence, example_words, report_markdown
+    from ..core.report.text import SWEEP_MARK, class_sentence, example_words, report_markdown
     from ..core.study.examples import load_examples
 
-    metadata = {"result": dg.MetadataValue.text(class_sentence(report)), "status": report.status,
-                "specific": report.specific, "specificity_rule": dg.MetadataValue.text(report.specificity_rule)}
+    sentence, details = (report_markdown(report).split("\n", 1) + [""])[:2]
+    settings, sweep = details.split(SWEEP_MARK, 1) if SWEEP_MARK in details else (details, "")
+    # The sentence, then one table of both settings with their controls and intervals.
+    metadata = {"result": dg.MetadataValue.text(class_sentence(report))}
+    if settings.strip():
+        metadata["summary"] = dg.MetadataValue.md(settings.strip())
+    metadata.update({"status": report.status, "specific": report.specific,
+                     "specificity_rule": dg.MetadataValue.text(report.specificity_rule)})
     if report.evaluated:
         legend = legend_classes(*example_rows(load_examples(folder), example_words(report)))
         metadata["legend"] = dg.MetadataValue.text("colours: " + ", ".join(text for _, text in legend))
@@ -162,5 +168,7 @@ def _report_metadata(report, folder) -> dict:
     else:
         metadata["reason"] = report.reason
         figures = {**flat(report.setting), "latents": list(report.selection.latents)}
-    metadata["summary"] = dg.MetadataValue.md(report_markdown(report))
-    return {**metadata, **{name: value for name, value in figures.items() if value is not None}}
+    if sweep:
+        metadata["sweep"] = dg.MetadataValue.md(SWEEP_MARK + sweep)
+    # Intervals are in the summary table; the files keep them all.
+    return {**metadata, **{name: value for name, value in figures.items() if value is not None and "_ci_" not in name}}

@@ -10,9 +10,12 @@ from .reports import PICTURES, REPORT_FILE
 
 SUMMARY_FILE, CLASSES_FILE = "summary.json", "classes.json"
 LATEST_REPORT = "report.html"  # under the data folder: a link to the latest summary's report.html
+# The summary's figures shown as entries of their own (the rest are in its "figures" table): the counts, the most
+# common tuned setting, the TPP means.
+HEADLINE_FIGURES = ("n_classes_evaluated", "n_specific", "n_tuned", "tuned_", "mean_tpp_score", "mean_tuned_tpp_score")
 
 
-@dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "val_codes"),
+@dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "val_codes", "baseline_metrics"),
                      writes=("report.results", "report.summary", "report.study_pictures", "report.summary_page")),
           group_name="suppression", kinds={"pandas"},
           backfill_policy=dg.BackfillPolicy.single_run(), automation_condition=DOWNSTREAM_CONDITION)
@@ -26,7 +29,7 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
 
     store = storage.store
     recipe = Recipe(context, storage)
-    codes_key = recipe.key_of("val_codes")
+    codes_key, baseline_key = recipe.key_of("val_codes"), recipe.key_of("baseline_metrics")
     report_keys = recipe.partition_keys("suppression_report")
     current = {c: k for c, k in report_keys.items()
                if store.inputs("suppression_report", k, c)["val_codes"] == codes_key}
@@ -39,8 +42,10 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
         reports = [read_result(folder / REPORT_FILE, ClassReport) for folder in folders.values()]
         galleries = {r.class_key: store.path("class_latents", r.inputs["class_latents"], r.class_key) / GALLERY_FILE
                      for r in reports}
+        provenance = _provenance(storage, codes_key, baseline_key, reports, out.spec.key,
+                                 sorted(set(current.values())))
         with out.write() as work:
-            _write_summary(work, reports, folders, galleries, n_stale=len(stale))
+            _write_summary(work, reports, folders, galleries, provenance, n_stale=len(stale))
     link_atomic(storage.root / LATEST_REPORT, out.folder / REPORT_HTML)
     metadata = _summary_metadata(out.folder)
     context.log.info(f"{metadata['result'].value}\nreport: {out.folder / REPORT_HTML} (latest: "
@@ -48,7 +53,70 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
     return out.result(metadata)
 
 
-def _write_summary(folder, reports: list, report_folders: dict, galleries: dict, n_stale: int) -> None:
+def _provenance(storage: Storage, codes_key: str, baseline_key: str, reports: list, key: str,
+                report_keys: list[str]) -> dict[str, str]:
+    """Where the study's numbers come from, for report.html: the data, the backbone, the SAE and the probe with
+    their figures, the settings, every input's key and the command that makes it again."""
+    import json
+
+    from ..core.data.cache import CACHE_FOLDER, ActivationCache
+    from ..core.store.artifacts import ArtifactMissing
+
+    store = storage.store
+
+    def read(asset: str, key: str, name: str) -> dict | None:
+        """A JSON file of an input, or None where that input left none (an imported SAE is evaluated, a probe's
+        baseline measured, by their own assets)."""
+        try:
+            return json.loads((store.open(asset, key) / name).read_text())
+        except (ArtifactMissing, FileNotFoundError):
+            return None
+
+    made = store.inputs("val_codes", codes_key)
+    cache = ActivationCache(store.open("val_activations", made["val_activations"]) / CACHE_FOLDER)
+    val = {**cache.attrs, "n_images": cache.n_images}
+    sae = read("sae_weights", made["sae_weights"], "sae.json") or {}
+    fit = read("sae_weights", made["sae_weights"], "evaluation.json")
+    probe = read("probe_checkpoint", made["probe_checkpoint"], "probe.json") or {}
+    baseline = read("baseline_metrics", baseline_key, "baseline_metrics.json")
+    embedded = not storage.ade20k_root
+    first = next((r for r in reports if r.inputs), None)
+    inputs = {**made, "baseline_metrics": baseline_key, **(first.inputs if first else {})}
+    inputs.pop("class_latents", None)
+    if first is not None:
+        inputs["train_activations"] = store.inputs("latent_stats", first.inputs["latent_stats"])["train_activations"]
+    sae_source = (f"imported from {sae['imported_from']}" if sae.get("imported_from") else
+                  f"trained here on {sae.get('tokens_trained', 0):,} tokens")
+    probe_source = (f"imported from {probe['imported_from']}" if probe.get("imported_from") else
+                    f"trained here (lr {probe.get('lr')}, weight decay {probe.get('weight_decay')}, chosen by mIoU "
+                    f"{probe.get('selection_miou', float('nan')):.3f} on held-out training images)")
+    settings = reports[0].config.identity() if reports else {}
+    env = "" if embedded else f"SAESEG_ADE20K_ROOT={storage.ade20k_root} "
+    env += "" if val.get("backbone_source") == "embedded" else f"SAESEG_BACKBONE={val.get('backbone_source')} "
+    return {
+        "dataset": (f"the embedded default, real photographs in ADE20K's format, NOT ADE20K ({val.get('dataset_root')})"
+                    if embedded else f"ADE20K at {val.get('dataset_root')}"),
+        "validation images": f"{val['n_images']} (fingerprint {val.get('dataset_fingerprint', '')})",
+        "backbone": f"{val.get('backbone')} ({val.get('backbone_source')}), output of block {val.get('layer')} "
+                    f"(0-based), {val.get('crop_size')} px crops",
+        "SAE": f"{sae.get('architecture')}, {sae.get('d_sae', 0):,} latents over d_model {sae.get('d_model')}"
+               + (f", k {sae['k']}" if sae.get("k") else "") + f"; {sae_source}",
+        "SAE on validation": (f"FVU {fit['fvu']:.4f}, L0 {fit['l0']:.1f}, dead {fit['dead_fraction']:.2%}, dense "
+                              f"{fit['dense_fraction']:.2%} ({fit['n_tokens']:,} tokens)" if fit else
+                              f"not recorded (sae_weights {made['sae_weights']} has no evaluation.json)"),
+        "probe": f"linear, {probe_source}",
+        "probe on validation": (f"mIoU {baseline['miou']:.4f} (pixels, {baseline['n_classes_present']} classes "
+                                f"present), patch mIoU {baseline['patch_miou']:.4f}" if baseline else
+                                f"not recorded (no baseline_metrics.json under baseline_metrics {baseline_key})"),
+        "suppression settings": json.dumps(settings, sort_keys=True),
+        "input keys": ", ".join(f"{asset} {k}" for asset, k in sorted(inputs.items())),
+        "this summary": f"suppression_summary {key}" + (f", reports {', '.join(report_keys)}" if report_keys else ""),
+        "made again by": f"{env}make demo (the same commands: README, \"Using it\")",
+    }
+
+
+def _write_summary(folder, reports: list, report_folders: dict, galleries: dict, provenance: dict,
+                   n_stale: int) -> None:
     """summary.csv, dose_response.csv, specific_counts.csv, rules.csv, classes.json, summary.json, the pictures of
     core.summary_page.SUMMARY_PICTURES and report.html."""
     from ..core.report.results import (
@@ -112,13 +180,13 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     for key, path in galleries.items():
         if key in class_pictures and path.exists():
             class_pictures[key]["gallery"] = path.read_bytes()
-    page = summary_html(summary, class_rows(reports), pictures, reports, class_pictures)
+    page = summary_html(summary, class_rows(reports), pictures, reports, class_pictures, provenance)
     write_atomic(folder / REPORT_HTML, page.encode())
 
 
 def _summary_metadata(folder) -> dict:
-    """The headline first, then the report's path, the classes (two narrow tables: Dagster 1.13 shows metadata tables
-    unsorted and cuts wide ones off; report.html has the whole table, sortable), the pictures, the other tables."""
+    """The headline first, the classes (two narrow tables: Dagster 1.13 shows metadata tables unsorted and cuts wide
+    ones off; report.html has the whole table, sortable), the pictures, the other tables, the report's path last."""
     from ..core.report.pictures import png_markdown
     from ..core.report.records import flat
     from ..core.report.results import (
@@ -131,17 +199,23 @@ def _summary_metadata(folder) -> dict:
         read_result,
     )
     from ..core.report.summary_page import REPORT_HTML, SUMMARY_PICTURES
-    from ..core.report.tables import record_markdown
-    from ..core.report.text import CLASS_TABLE_NOTE
+    from ..core.report.tables import markdown_table, record_markdown
+    from ..core.report.text import CLASS_TABLE_NOTES
 
     summary = read_result(folder / SUMMARY_FILE, StudySummary)
     rows = read_result(folder / CLASSES_FILE, ClassTable).rows
-    classes = {view: dg.MetadataValue.md(record_markdown(rows, ClassRow, view) + f"\n\n{CLASS_TABLE_NOTE}.")
+    classes = {view: dg.MetadataValue.md(record_markdown(rows, ClassRow, view) + f"\n\n{CLASS_TABLE_NOTES[view]}.")
                for view in CLASS_VIEWS}
-    return {"result": dg.MetadataValue.text(summary.result),
-            "report_html": dg.MetadataValue.path(str(folder / REPORT_HTML)), **classes,
+    # Paths last: a long value widens the UI's column and cuts the headline off.
+    return {"result": dg.MetadataValue.text(summary.result), **classes,
             **{name: dg.MetadataValue.md(png_markdown((folder / f"{name}.png").read_bytes(), title))
                for name, title in SUMMARY_PICTURES.items()},
             "per_rule": dg.MetadataValue.md(record_markdown(summary.per_rule, RuleRow)),
             "specific_counts": dg.MetadataValue.md(record_markdown(summary.per_setting, SettingCount)),
-            **{name: "" if value is None else value for name, value in flat(summary.figures).items()}}
+            # The counts and the most common tuned setting as entries (numbers the UI can plot); every figure in one
+            # table: long names in the key column would widen it and push the headline out of view.
+            **{name: "" if value is None else value for name, value in flat(summary.figures).items()
+               if name.startswith(HEADLINE_FIGURES)},
+            "figures": dg.MetadataValue.md(markdown_table([{"figure": name, "value": value} for name, value in
+                                                           flat(summary.figures).items()])),
+            "report_html": dg.MetadataValue.path(str(folder / REPORT_HTML))}

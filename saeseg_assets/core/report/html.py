@@ -19,6 +19,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef1f5; cursor: pointer; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.6em 0; }
 nav a { margin-right: 0.8em; } .muted { color: #666; }
+table.facts td, table.facts th { text-align: left; vertical-align: top; } table.facts th { cursor: default; }
 """
 # Click a column heading to sort by it (numbers as numbers); click again to reverse.
 SCRIPT = """
@@ -111,3 +112,9 @@ def figures_table(figures: dict) -> str:
     rows = [{"figure": k, "value": "-" if v is None or (isinstance(v, float) and math.isnan(v)) else v}
             for k, v in figures.items()]
     return html_table(rows)
+
+
+def facts_table(facts: dict[str, str]) -> str:
+    """Item-text pairs as a two-column table read left to right (what a page is made from)."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    return f'<table class="facts"><tbody>{rows}</tbody></table>'

@@ -13,7 +13,7 @@ from .records import INLINE, column, dumps, loads
 
 # Of report.json, summary.json and classes.json; 3: typed records (nested settings, controls and intervals, null for
 # NaN), the version under "format_version" in every file.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: intervals in the classes table, the oracle an upper bound of every count
 NOT_TUNED = "not tuned"  # the tuned setting in words, for a class without one
 R = TypeVar("R")
 
@@ -212,16 +212,22 @@ class ClassRow:
     class_name: str = field(metadata=column("name"))
     target_patches: int = field(metadata=column("patches", CLASSES))
     target_change_rate: float = field(metadata=column("target", CLASSES))
+    target_change_rate_ci: Interval  # each `<rate>_ci` shows in tables in the cell of its rate: 0.97 [0.93, 0.99]
     other_change_rate: float = field(metadata=column("other", CLASSES))
+    other_change_rate_ci: Interval
     random_latents_target_change_rate: float = field(metadata=column("rand. latents", CLASSES))
+    random_latents_target_change_rate_ci: Interval
     random_direction_target_change_rate: float = field(metadata=column("rand. direction", CLASSES))
+    random_direction_target_change_rate_ci: Interval
     target_iou_before: float = field(metadata=column("IoU before", CLASSES))
     target_iou_after: float = field(metadata=column("IoU after", CLASSES))
     tpp_score: float = field(metadata=column("TPP", CLASSES))
     specific: bool = field(metadata=column("specific", CLASSES))
     tuned_setting: str = field(metadata=column("tuned setting", CLASSES_TUNED))  # in words, or NOT_TUNED
     tuned_target_change_rate: float = field(metadata=column("tuned target", CLASSES_TUNED))
+    tuned_target_change_rate_ci: Interval
     tuned_other_change_rate: float = field(metadata=column("tuned other", CLASSES_TUNED))
+    tuned_other_change_rate_ci: Interval
     tuned_specific: bool | None = field(metadata=column("tuned specific", CLASSES_TUNED))
 
 
@@ -276,8 +282,11 @@ class SummaryFigures:
     mean_tuned_other_change_rate: float
     mean_target_iou_before: float
     mean_target_iou_after: float
-    n_specific_oracle: int  # the best count over the validation grid, chosen on the images it counts: optimistic
-    oracle_setting: str  # that setting in words
+    # An upper bound of every count above: classes class-specific at one or more of the settings measured with
+    # controls on validation (the sweep at the configured N, the configured and tuned settings, each rule's tuned
+    # setting), chosen per class on the very images counted.
+    n_specific_oracle: int
+    oracle_setting: str  # the validation setting that alone makes the most classes specific, in words
     configured_setting: str  # the configured setting(s) in words
     n_stale: int  # reports left out: made from other validation codes
 

@@ -4,6 +4,7 @@ every picture of the summary and of each evaluated class, the absent classes wit
 from __future__ import annotations
 
 from .html import (
+    facts_table,
     figures_table,
     heading,
     html_page,
@@ -15,9 +16,9 @@ from .html import (
 from .records import flat
 from .results import ClassReport, ClassRow, RuleRow, SettingCount, StudySummary
 from .tables import record_markdown
-from .text import CLASS_TABLE_NOTE, report_markdown
+from .text import CLASS_TABLE_NOTE, SWEEP_MARK, report_markdown
 
-FORMAT_VERSION = 1  # of report.html
+FORMAT_VERSION = 2  # of report.html (2: what it is made from, each class's table before its pictures)
 
 REPORT_HTML = "report.html"
 # Picture names of the summary and of a class, with their headings in the page.
@@ -30,12 +31,16 @@ PHOTOS = {"class_examples", "examples", "gallery"}  # inlined as JPEG: a fractio
 
 
 def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str, bytes], reports: list[ClassReport],
-                 class_pictures: dict[str, dict[str, bytes]]) -> str:
+                 class_pictures: dict[str, dict[str, bytes]], provenance: dict[str, str] | None = None) -> str:
     """`rows`: the classes table; `pictures`: by the names of SUMMARY_PICTURES; `class_pictures`: per class key,
-    pictures by the names of CLASS_PICTURES."""
+    pictures by the names of CLASS_PICTURES; `provenance`: where the numbers come from, item -> words."""
     evaluated = [r for r in reports if r.evaluated]
     others = [r for r in reports if not r.evaluated]
-    body = [heading(1, "SAE class suppression: summary"), paragraph(summary.result, "headline"),
+    body = [heading(1, "SAE class suppression: summary"), paragraph(summary.result, "headline")]
+    if provenance:
+        body += [heading(2, "What this is made from"),
+                 facts_table(provenance)]
+    body += [
             "<nav>" + " ".join(f'<a href="#{r.class_key}">{r.class_key}</a>' for r in evaluated) + "</nav>",
             heading(2, f"Evaluated classes ({len(evaluated)})"),
             paragraph(f"Click a column heading to sort. {CLASS_TABLE_NOTE}.", "muted"),
@@ -51,13 +56,15 @@ def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str
     body += [heading(2, "Figures"), figures_table(flat(summary.figures))]
     for report in evaluated:
         key = report.class_key
-        # The sentence, the pictures, then the rule and the tables (the sweep's is long).
+        # The sentence and its table of both settings with intervals, the pictures, then the long sweep.
         sentence, details = report_markdown(report).split("\n", 1)
-        body += [heading(2, f"{key}: {report.class_name}", key), paragraph(sentence)]
+        settings, sweep = details.split(SWEEP_MARK, 1) if SWEEP_MARK in details else (details, "")
+        body += [heading(2, f"{key}: {report.class_name}", key), paragraph(sentence), markdown_html(settings)]
         for name, title in CLASS_PICTURES.items():
             if name in class_pictures.get(key, {}):
                 body += [heading(3, title), png_img(class_pictures[key][name], f"{key} {title}", name in PHOTOS)]
-        body.append(markdown_html(details))
+        if sweep:
+            body.append(markdown_html(SWEEP_MARK + sweep))
     if others:
         body += [heading(2, f"Classes not evaluated ({len(others)})"),
                  html_table([{"class": r.class_key, "name": r.class_name, "status": r.status, "reason": r.reason}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -27,6 +28,27 @@ def significant(value, digits: int = DIGITS):
         rounded = [significant(v, digits) for v in value]
         return rounded if isinstance(value, list) else tuple(rounded)
     return value
+
+
+def decimals_for(*values: float) -> int:
+    """Decimals that show the largest of `values` with at least 2 significant digits (2 at most down to 0.1, at
+    most 6): 0.97 -> 2, 0.056 -> 3, 0.0027 -> 4."""
+    largest = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    if largest >= 0.1 or largest == 0:
+        return 2
+    return min(6, 1 - math.floor(math.log10(largest)))
+
+
+def rate_text(value: float, ci=None) -> str:
+    """A rate with its interval where one is defined, all to the decimals its largest part needs: 0.97 [0.93, 0.99],
+    0.0027 [0.0016, 0.0041]; exact zeros as 0."""
+    defined = ci is not None and math.isfinite(ci.low) and math.isfinite(ci.high)
+    n = decimals_for(value, *((ci.low, ci.high) if defined else ()))
+
+    def number(x: float) -> str:
+        return "0" if x == 0 else f"{x:.{n}f}"
+
+    return number(value) + (f" [{number(ci.low)}, {number(ci.high)}]" if defined else "")
 
 
 def markdown_table(rows: Iterable[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None,
@@ -69,11 +91,25 @@ def _line(cells: Sequence[str]) -> str:
 
 
 def record_markdown(rows: Iterable, kind: type, view: str | None = None) -> str:
-    """Typed rows as a markdown table: the columns of their type (of `view` only, if given) under their headings."""
+    """Typed rows as a markdown table: the columns of their type (of `view` only, if given) under their headings. A
+    rate with an interval beside it (`<rate>_ci` in the record) shows as one cell, 0.97 [0.93, 0.99]."""
     from .records import columns, flat
 
     names = columns(kind, view)
-    return markdown_table([flat(row, kind) for row in rows], list(names), list(names.values()))
+    flats = [flat(row, kind) for row in rows]
+    with_ci = [n for n in names if f"{n}_ci_low" in (flats[0] if flats else {})]
+    for row in flats:
+        for n in with_ci:
+            bounds = SimpleNamespace(low=_number(row[f"{n}_ci_low"]), high=_number(row[f"{n}_ci_high"]))
+            row[n] = rate_text(row[n], bounds) if isinstance(row[n], float) and math.isfinite(row[n]) else row[n]
+    shown = {n: h for n, h in names.items() if not n.endswith(("_ci_low", "_ci_high"))
+             or n.removesuffix("_ci_low").removesuffix("_ci_high") not in with_ci}
+    return markdown_table(flats, list(shown), list(shown.values()))
+
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def record_csv(rows: Iterable, kind: type) -> bytes:

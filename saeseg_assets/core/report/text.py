@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import math
 
-from .results import NOT_TUNED, ClassReport, Interval, Measured, Setting, SummaryFigures, SweepRow
-from .tables import markdown_table
+from .results import (
+    CLASSES,
+    CLASSES_TUNED,
+    NOT_TUNED,
+    ClassReport,
+    Measured,
+    Setting,
+    SummaryFigures,
+    SweepRow,
+)
+from .tables import markdown_table, rate_text
 
-CLASS_TABLE_NOTE = ("target, other: share of the class's and of the other labelled patches whose prediction changed; "
-                    "rand. latents, rand. direction: the target change rate under the two controls; IoU at pixel "
-                    "level; TPP: targeted probe perturbation score")
+SWEEP_MARK = "Validation sweep of the "  # where a class's account turns from its settings to the long sweep
+CLASS_TABLE_NOTES = {  # what the columns of each view of the classes table mean
+    CLASSES: "target, other: share of the class's and of the other labelled patches whose prediction changed at the "
+             "original setting, with 95% bootstrap intervals over validation images; rand. latents, rand. direction: "
+             "the target change rate under the two controls; IoU at pixel level; TPP: targeted probe perturbation "
+             "score",
+    CLASSES_TUNED: "tuned setting: chosen per class on held-out training images, never validation; tuned target, "
+                   "tuned other: the change rates it gives on validation, with 95% bootstrap intervals over images; "
+                   "tuned specific: the verdict there"}
+CLASS_TABLE_NOTE = "; ".join(CLASS_TABLE_NOTES.values())  # the whole table's
 
 
 def describe_setting(setting: Setting) -> str:
@@ -19,10 +35,23 @@ def describe_setting(setting: Setting) -> str:
     return f"{setting.scale:g} x max on {where}, {n} latent{'s' * (n != 1)} by {setting.rule}"
 
 
-def rate_text(value: float, ci: Interval | None) -> str:
-    """A rate with its interval where one is defined: 0.97 [0.93, 0.99]."""
-    defined = ci is not None and math.isfinite(ci.low) and math.isfinite(ci.high)
-    return f"{value:.2f}" + (f" [{ci.low:.2f}, {ci.high:.2f}]" if defined else "")
+def failed_criterion(measured: Measured, config) -> str:
+    """Why a setting is not class-specific, as the rule's first unmet criterion with its numbers; "" if it is."""
+    p = measured.patch
+    target, other = p.target_change_rate, p.other_change_rate
+    controls = {"random latents": p.random_latents.target_change_max,
+                "random direction": p.random_direction.target_change_max}
+    if measured.specific:
+        return ""
+    if not all(math.isfinite(v) for v in (target, other, *controls.values())):
+        return "a rate is undefined"
+    t = rate_text(target, None)
+    if target < config.min_target_change:
+        return f"target {t} < {config.min_target_change:g}"
+    if target < config.other_factor * other:
+        return f"target {t} < {config.other_factor:g} x other {rate_text(other, None)}"
+    name, largest = max(controls.items(), key=lambda kv: kv[1])
+    return f"target {t} < {config.control_factor:g} x the largest {name} draw {rate_text(largest, None)}"
 
 
 def example_words(report: ClassReport) -> dict[str, str]:
@@ -33,8 +62,8 @@ def example_words(report: ClassReport) -> dict[str, str]:
     return words
 
 
-def _verdict(measured: Measured) -> str:
-    return "class-specific" if measured.specific else "not class-specific"
+def _verdict(measured: Measured, config) -> str:
+    return "class-specific" if measured.specific else f"not class-specific ({failed_criterion(measured, config)})"
 
 
 def class_sentence(report: ClassReport) -> str:
@@ -42,7 +71,8 @@ def class_sentence(report: ClassReport) -> str:
     if report.configured is None:
         return f"{report.class_name}: {report.reason}."
     m = report.configured
-    sentence = (f"{report.class_name}: at the original setting ({describe_setting(report.setting)}) {_verdict(m)}: "
+    sentence = (f"{report.class_name}: at the original setting ({describe_setting(report.setting)}) "
+                f"{_verdict(m, report.config)}: "
                 f"{rate_text(m.patch.target_change_rate, m.patch.target_change_rate_ci)} of its patches changed "
                 f"prediction against {rate_text(m.patch.other_change_rate, m.patch.other_change_rate_ci)} of the "
                 f"others (random latents {_control_text(m.patch.random_latents)}, random direction "
@@ -52,7 +82,8 @@ def class_sentence(report: ClassReport) -> str:
         return f"{sentence}; no tuned setting ({reason})."
     t = report.tuned
     return (f"{sentence}; at the setting tuned on held-out training images ({describe_setting(t.setting)}) "
-            f"{_verdict(t)}: {rate_text(t.patch.target_change_rate, t.patch.target_change_rate_ci)} against "
+            f"{_verdict(t, report.config)}: {rate_text(t.patch.target_change_rate, t.patch.target_change_rate_ci)} "
+            f"against "
             f"{rate_text(t.patch.other_change_rate, t.patch.other_change_rate_ci)}.")
 
 
@@ -99,7 +130,7 @@ def report_markdown(report: ClassReport) -> str:
                      "TPP": m.tpp_score, "specific": m.specific})
     lines += ["", f"Rule: {report.specificity_rule}. Change rates are over patches (95% bootstrap intervals over "
               "validation images); IoU at pixel level.", "", markdown_table(rows),
-              "", f"Validation sweep of the {report.setting.rule} ranking (patch level; controls and verdict at "
+              "", f"{SWEEP_MARK}{report.setting.rule} ranking (patch level; controls and verdict at "
               f"N = {report.setting.n_latents}):", "", dose_markdown(report.dose_response)]
     return "\n".join(lines)
 

@@ -146,12 +146,14 @@ class World:
 
 
 def shared_assets() -> list[str]:
-    """The unpartitioned assets above the class reports: what `make demo` materializes before the classes."""
+    """The unpartitioned assets above the class reports and the summary (which reads the probe's baseline too): what
+    `make demo` materializes before the classes."""
     import saeseg_assets
 
     graph = saeseg_assets.defs.resolve_asset_graph()
-    above = dg.AssetSelection.assets(REPORT).upstream().resolve(graph)
-    return sorted(k.to_user_string() for k in above if graph.get(k).partitions_def is None)
+    above = dg.AssetSelection.assets("suppression_summary").upstream().resolve(graph)
+    return sorted(k.to_user_string() for k in above
+                  if graph.get(k).partitions_def is None and k.to_user_string() != "suppression_summary")
 
 
 def make_template_world(server: PostgresServer, root: Path) -> World:

@@ -221,7 +221,8 @@ def test_partition_range_in_one_run_then_summary(world):
     assert meta["n_classes_evaluated"] == len(evaluated) >= 2
     for name in ("n_specific", "n_specific_tuned", "tuned_mode", "tuned_scale", "tuned_n_latents", "tuned_rule",
                  "mean_tpp_score", "mean_tuned_tpp_score", "n_specific_oracle", "per_rule", "classes", "classes_tuned",
-                 "specificity", "class_examples", "report_html"):
+                 "specificity", "class_examples", "report_html", "n_absent_from_validation", "n_without_latents",
+                 "n_stale", "figures"):
         assert name in meta, name
     assert list(meta)[0] == "result" and meta["result"].startswith("At the original setting (-2 x max on every token")
     folder = world.folder("suppression_summary")

@@ -12,7 +12,8 @@ SUMMARY_FILE, CLASSES_FILE = "summary.json", "classes.json"
 LATEST_REPORT = "report.html"  # under the data folder: a link to the latest summary's report.html
 # The summary's figures shown as entries of their own (the rest are in its "figures" table): the counts, the most
 # common tuned setting, the TPP means.
-HEADLINE_FIGURES = ("n_classes_evaluated", "n_specific", "n_tuned", "tuned_", "mean_tpp_score", "mean_tuned_tpp_score")
+HEADLINE_FIGURES = ("n_classes_evaluated", "n_specific", "n_tuned", "n_absent_from_validation", "n_without_latents",
+                    "n_stale", "tuned_", "mean_tpp_score", "mean_tuned_tpp_score")
 
 
 @dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "val_codes", "baseline_metrics"),

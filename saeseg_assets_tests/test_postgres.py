@@ -354,7 +354,9 @@ def test_runs_killed_mid_way_are_failed_and_relaunching_their_classes_completes_
             victims.append(victim)
             messages.append(failure_message(instance, victim.dagster_run.run_id))
             print(f"\nkilled {killed}; the run's last events:\n{messages[-1]}")
-        assert "was terminated by signal 9 (SIGKILL)" in messages[0]  # by the code server
+        # The first: its code server or the daemon's run monitoring, whichever looks first (a race: the run's tree,
+        # its class workers included, takes a moment to die).
+        assert "was terminated by signal 9 (SIGKILL)" in messages[0] or "is gone" in messages[0]
         assert "is gone" in messages[1] and "Marking run" in messages[1]  # by run monitoring
         records = wait_for_runs(world, instance, backfill_id, 5, 900)
         failed = sorted(r.dagster_run.run_id for r in records if r.dagster_run.status == dg.DagsterRunStatus.FAILURE)

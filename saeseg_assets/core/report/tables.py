@@ -102,8 +102,8 @@ def record_markdown(rows: Iterable, kind: type, view: str | None = None) -> str:
         for n in with_ci:
             bounds = SimpleNamespace(low=_number(row[f"{n}_ci_low"]), high=_number(row[f"{n}_ci_high"]))
             row[n] = rate_text(row[n], bounds) if isinstance(row[n], float) and math.isfinite(row[n]) else row[n]
-    shown = {n: h for n, h in names.items() if not n.endswith(("_ci_low", "_ci_high"))
-             or n.removesuffix("_ci_low").removesuffix("_ci_high") not in with_ci}
+    merged = {f"{n}_ci_{end}" for n in with_ci for end in ("low", "high")}
+    shown = {n: h for n, h in names.items() if n not in merged}
     return markdown_table(flats, list(shown), list(shown.values()))
 
 

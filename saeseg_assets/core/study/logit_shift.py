@@ -34,7 +34,8 @@ class RowTerm:
         return coef if self.basis_RC is None else coef @ self.basis_RC
 
     def at(self, classes_J: torch.Tensor) -> torch.Tensor:
-        """The term at the same few classes on every row: [M, J] (kept per class set)."""
+        """The term at the same few classes on every row: [M, J] (the last class set's kept: every negative scale of
+        an edit raises the same classes)."""
         key = tuple(classes_J.tolist())
         if key not in self._at:
             self._at = {key: self.coef_MR[:, classes_J] if self.basis_RC is None else

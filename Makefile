@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml deploy/requirements.lock
 # Shared (unpartitioned) assets first, then the 150 classes as one run.
 SHARED := train_activations,val_activations,sae_weights,probe_checkpoint,baseline_metrics,latent_stats,val_codes,tuning_codes
 
-# The instance's settings (README, "The UI"): run monitoring on, telemetry off. Written only where none exists.
+# The instance's settings (docs/ui.md, "Killed runs"): run monitoring on, telemetry off. Written only where none exists.
 INSTANCE := $(DAGSTER_HOME)/dagster.yaml
 instance: $(INSTANCE)
 $(INSTANCE):
@@ -33,7 +33,7 @@ $(INSTANCE):
 	  'run_monitoring:' '  enabled: true' '  poll_interval_seconds: 10' 'telemetry:' '  enabled: false' > $@
 
 # Each run's steps one after the other in the run's own process (the definitions' default executor): every torch step
-# gets all the cores, and no step pays the seconds of starting a process (README, "One GPU step at a time").
+# gets all the cores, and no step pays the seconds of starting a process (docs/scaling.md, "One GPU step at a time").
 MATERIALIZE := .venv/bin/dagster asset materialize -m saeseg_assets
 demo: $(STAMP) $(INSTANCE)
 	$(MATERIALIZE) --select '$(SHARED)'
@@ -56,6 +56,6 @@ ui: $(STAMP) $(INSTANCE)
 ui-readonly: $(STAMP) $(INSTANCE)
 	.venv/bin/dagster-webserver -h 127.0.0.1 -p 3000 -w workspace.yaml --read-only
 
-# Delete stored outputs that no latest materialization in the instance points to (README, "The artifact store").
+# Delete stored outputs that no latest materialization in the instance points to (docs/store.md).
 prune: $(STAMP)
 	$(PY) -m saeseg_assets.prune

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from .assets.summary import LATEST_REPORT
+from .core.report.summary_page import REPORT_HTML
 from .environment import ENV
 
 
@@ -19,7 +20,7 @@ def answer(instance: dg.DagsterInstance, data_dir: Path, demo: bool) -> str:
         return "No suppression_summary in this Dagster instance yet: materialize it (make demo runs everything)."
     metadata = event.asset_materialization.metadata
     lines = [str(metadata["result"].value), "", f"The whole study, with its intervals and pictures: "
-             f"{metadata['report_html'].value}", f"(the latest report is always at {data_dir / LATEST_REPORT})"]
+             f"{(Path(str(metadata['path'].value)) / REPORT_HTML).resolve()}", f"(the latest report is always at {data_dir / LATEST_REPORT})"]
     if demo:
         lines.append("The data are the embedded default: real photographs in ADE20K's format, not ADE20K "
                      "(README, \"The real experiment\").")

@@ -1,4 +1,4 @@
-"""Automatic re-runs (README, "Automatic re-runs"): sensors that import a changed SAE or probe checkpoint, the condition
+"""Automatic re-runs (docs/automation.md): sensors that import a changed SAE or probe checkpoint, the condition
 that re-runs what depends on a changed input, and the nightly schedule over what is stale (staleness.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every environment variable the pipeline reads, read once, when the definitions load (README, "Configuration").
+"""Every environment variable the pipeline reads, read once, when the definitions load (docs/configuration.md).
 
 Nothing else in the package calls `os.environ`: resources, partitions and sensors take their values from `ENV`.
 """

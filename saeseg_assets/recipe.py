@@ -158,8 +158,9 @@ class Output:
         return self.store.open(self.spec.asset, self.spec.key, self.part)
 
     def metadata(self, extra: dict) -> dict:
-        """`extra` (the answer first), then the key, folder and reuse, rounded as the UI shows numbers."""
-        return readable({**extra, KEY: self.key, "path": dg.MetadataValue.path(str(self.folder)),
+        """`extra` (the answer first), then the key, folder (`shown_path`) and reuse, rounded as the UI shows
+        numbers."""
+        return readable({**extra, KEY: self.key, "path": dg.MetadataValue.path(shown_path(self.folder)),
                          "reused": self.reused})
 
     def result(self, extra: dict) -> dg.MaterializeResult:
@@ -210,6 +211,14 @@ def checkpoint_import(recipe: Recipe, kind: str, configured: str, settings: dict
             yield copy, recipe.output({"import_sha256": sha256, **(settings or {})})
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(str(tmp), str(original))) from exc
+
+
+def shown_path(folder: Path) -> str:
+    """A folder as metadata shows it: relative to the working directory (the project's root, where the CLI and the
+    UI run) when it lies inside it, else absolute. The UI shows a path unbroken, and a long one widens its value
+    column until the answer in the first entry is cut off on the right."""
+    folder, here = Path(folder).resolve(), Path.cwd().resolve()
+    return str(folder.relative_to(here)) if folder.is_relative_to(here) else str(folder)
 
 
 def readable(metadata: dict) -> dict:

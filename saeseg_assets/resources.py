@@ -1,6 +1,6 @@
 """Dagster resources: where data and outputs live, which backbone, which device, which checkpoints to import.
 
-Defaults come from environment variables (README, "Configuration") so one command runs the demo and the real run.
+Defaults come from environment variables (docs/configuration.md) so one command runs the demo and the real run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Storage(dg.ConfigurableResource):
 
     @property
     def store(self):
-        """The content-addressed artifact store under `data_dir` (README, "Formats")."""
+        """The content-addressed artifact store under `data_dir` (docs/store.md)."""
         from .core.store.artifacts import Store
 
         return Store(self.root)

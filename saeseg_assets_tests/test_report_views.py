@@ -42,6 +42,7 @@ from saeseg_assets.core.report.summary import (
 )
 from saeseg_assets.core.report.summary_page import summary_html
 from saeseg_assets.core.report.tables import record_markdown, significant
+from saeseg_assets.core.report.text import criteria_words
 from saeseg_assets.core.settings import SuppressionSettings
 from saeseg_assets.recipe import readable
 
@@ -50,29 +51,37 @@ CONFIGURED = Setting("f1", 3, "every_token", -2.0)
 TUNED = Setting("f1", 5, "where_active", -4.0)
 
 
-def measured(setting: Setting, target: float, specific: bool, iou_after: float = 0.25) -> Measured:
-    """A setting measured on validation: both controls change 0.1 of the target patches (at most 0.2 in one draw)."""
-    control = Control(0.1, 0.01, 0.2, Interval(0.05, 0.15), Interval(0.0, 0.02))
+CONTROL = Control(0.1, 0.01, 0.2)  # both controls change 0.1 of the target patches, at most 0.2 in one draw
+
+
+def measured(setting: Setting, target: float, specific: bool, iou_after: float = 0.25,
+             resamples: str | None = None) -> Measured:
+    """A setting measured on validation, with the controls of CONTROL and intervals; `resamples`: the verdict on
+    each of 40 shared resamples (default: the verdict on all of them)."""
+    control = replace(CONTROL, target_change_rate_ci=Interval(0.05, 0.15), other_change_rate_ci=Interval(0.0, 0.02))
     patch = SweepRow(setting, 12, target, 0.01, 0.1, control, control, specific, Interval(target - 0.1, target),
                      Interval(0.0, 0.02))
     pixels = PixelFigures(0.5, iou_after, iou_after - 0.5, Interval(-0.4, -0.2), 0.6, 0.3, 0.4, 0.4)
-    return Measured(patch, tuple(range(1, setting.n_latents + 1)), (-1.0,) * setting.n_latents, 0.3, pixels, (), ())
+    return Measured(patch, tuple(range(1, setting.n_latents + 1)), (-1.0,) * setting.n_latents, 0.3, pixels, (), (),
+                    "01"[specific] * 40 if resamples is None else resamples)
 
 
 def report(key: str, index: int, target: float, specific: bool, tuned_specific: bool | None) -> ClassReport:
     """An evaluated class: the configured setting (3 latents, -2 x max, every token), the sweep rows at N = 3 for two
     scales, and (unless `tuned_specific` is None) a tuned setting with one rule measured on validation."""
-    sweep = tuple(SweepRow(Setting("f1", 3, "every_token", s), 12, target * abs(s) / 2, 0.01, 0.1,
+    sweep = tuple(SweepRow(Setting("f1", 3, "every_token", s), 12, target * abs(s) / 2, 0.01, 0.1, CONTROL, CONTROL,
                            specific=specific and s == -2.0) for s in (-2.0, -1.0))
     sweep += (SweepRow(Setting("f1", 1, "every_token", -2.0), 4, 0.1, 0.0, 0.5),)  # other N: no controls
     tuning, tuned, per_rule = Tuning("no_tuning_images", "no held-out images"), None, {}
     if tuned_specific is not None:
         tuned = measured(TUNED, 0.9, tuned_specific)
         tuning = Tuning("tuned", "", 10, 40, tuned.patch, {"f1": tuned.patch}, (tuned.patch,))
-        per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, specific=tuned_specific)}
+        per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, CONTROL, CONTROL, specific=tuned_specific)}
+    # grass, the one specific class: specific on 30 of the 40 shared resamples.
+    configured = measured(CONFIGURED, target, specific, iou_after=math.nan,
+                          resamples="1" * 30 + "0" * 10 if specific else None)
     return ClassReport(key, key[4:], index, "evaluated", "", Selection("f1", (1, 2, 3)), CONFIGURED, 4000, 40, RULE,
-                       SuppressionSettings(), measured(CONFIGURED, target, specific, iou_after=math.nan), tuning, tuned,
-                       per_rule, sweep)
+                       SuppressionSettings(), configured, tuning, tuned, per_rule, sweep)
 
 
 REPORTS = [report("010_grass", 10, 0.8, True, True), report("003_sky", 3, 0.2, False, None),
@@ -112,7 +121,13 @@ def test_the_heatmap_grid_is_classes_by_sweep_settings_then_tuned_rules():
     assert grid.groups == (("every token, scale x max", 0, 2), ("tuned, per rule", 2, 4))
     assert grid.specific == ((True, False, True, None), (False, False, None, None))
     assert grid.target[0][:3] == (0.8, 0.4, 0.9) and grid.target[1][2] is None
-    png = specificity_heatmap_png(grid)
+    assert grid.other[0][:3] == (0.01, 0.01, 0.02)
+    # grass at -1: target 0.4 < 0.5; sky's target 0.2 and 0.1 likewise; the specific cells fail nothing.
+    assert grid.unmet == (("", "target", "", None), ("target", "target", None, None))
+    assert grid.configured == 0  # -2 x max on every token: the first sweep column
+    png = specificity_heatmap_png(grid, criteria_words(SuppressionSettings()))
+    assert criteria_words(SuppressionSettings()) == ("T target < 0.5, O target < 3 x other, "
+                                                     "C target < 2 x a control draw")
     assert Image.open(io.BytesIO(png)).size[0] > 300
 
 
@@ -159,8 +174,12 @@ def test_the_summary_counts_the_configured_and_tuned_verdicts():
     assert (f.n_specific_oracle, f.oracle_setting) == (1, "-2 x max, every_token, 3 latents")
     assert [(r.rule, r.counts.n_classes, r.counts.n_specific) for r in summary.per_rule] == [
         ("f1", 1, 1), ("activation_sum", 0, 0)]
-    assert summary.result.startswith("At the original setting (-2 x max on every token, 3 latents by f1) 1 of 2 "
-                                     "present classes are class-specific; at settings tuned per class")
+    # grass: specific on 30 of 40 resamples, sky on none: 10 resamples count 0, 30 count 1. Tuned: grass on all 40.
+    assert (f.n_specific_ci, f.n_specific_tuned_ci) == (Interval(0.0, 1.0), Interval(1.0, 1.0))
+    assert summary.result.startswith("At the original setting (-2 x max on every token, 3 latents by f1) 1 [0, 1] of "
+                                     "2 present classes are class-specific (95% intervals over resampled validation "
+                                     "images in brackets); at settings tuned per class")
+    assert "5 latents by f1) 1 [1, 1] of 2." in summary.result
 
 
 def test_the_summary_page_is_self_contained():
@@ -168,7 +187,7 @@ def test_the_summary_page_is_self_contained():
     summary = study_summary(REPORTS, summary_rows(REPORTS), setting_counts(dose_rows(REPORTS)), ("f1",), n_stale=0)
     page = summary_html(summary, class_rows(REPORTS), {"specificity": png}, REPORTS,
                         {"010_grass": {"examples": png}}, {"dataset": "the embedded default, NOT ADE20K"})
-    assert summary.result in page and "1 of 2 present classes are class-specific" in page
+    assert summary.result in page and "1 [0, 1] of 2 present classes are class-specific" in page
     # What it is made from comes right after the headline; a class's table of both settings before its pictures.
     assert page.index(summary.result) < page.index("NOT ADE20K") < page.index("Evaluated classes")
     grass = page[page.index('id="010_grass"'):]
@@ -231,3 +250,13 @@ def test_the_upper_bound_counts_a_class_specific_at_any_measured_setting():
               *(c.counts.n_specific for c in summary.per_setting)]
     assert f.n_specific_oracle >= max(counts)
     assert max(c.counts.n_specific for c in summary.per_setting) == 1
+
+
+def test_count_intervals_refuse_reports_made_on_other_resamples():
+    import pytest
+
+    from saeseg_assets.core.report.summary import count_interval
+
+    short = replace(REPORTS[1], configured=measured(CONFIGURED, 0.2, False, resamples="0" * 20))
+    with pytest.raises(ValueError, match=r"\['003_sky'\] hold verdicts on \[20, 40\] resamples"):
+        count_interval([REPORTS[0], short], lambda r: r.configured)

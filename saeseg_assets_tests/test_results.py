@@ -67,12 +67,14 @@ def test_a_studied_report_reads_back_into_the_same_records(tmp_path):
 def test_nan_is_null_in_the_file_and_nan_again_in_the_record(tmp_path):
     row = SweepRow(Setting("f1", 3, "every_token", -2.0), 0, math.nan, 0.25, math.inf,
                    target_change_rate_ci=Interval(math.nan, 0.5))
-    figures = SummaryFigures(0, 0, 0, 0, None, 0, 150, 0, *([math.nan] * 10), 0, "none", "none", 0)
+    nan = Interval(math.nan, math.nan)
+    figures = SummaryFigures(0, 0, nan, 0, nan, 0, None, 0, 150, 0, *([math.nan] * 10), 0, "none", "none", 0)
     summary = StudySummary("No class was evaluated.", figures, (),
                            tuple(setting_counts([DoseRow("010_grass", row)])))
     write_result(tmp_path / "summary.json", summary)
     data = strict((tmp_path / "summary.json").read_text())
     assert data["figures"]["mean_tpp_score"] is None and data["figures"]["tuned"] is None
+    assert data["figures"]["n_specific_ci"] == {"low": None, "high": None}
     back = read_result(tmp_path / "summary.json", StudySummary)
     assert math.isnan(back.figures.mean_tpp_score) and back.figures.tuned is None and same(back, summary)
     assert back.per_setting == () and isinstance(back.figures, SummaryFigures)  # no row with controls: no count

@@ -19,7 +19,9 @@ from saeseg_assets.core.study.measures import (
     iou_change_interval,
     is_class_specific,
     ratio_interval,
+    specific_per_resample,
     tpp_score,
+    unmet_criterion,
 )
 from saeseg_assets.core.study.rules import margin_effects, select_class_latents
 from saeseg_assets_tests.test_suppression import tiny_world
@@ -115,6 +117,42 @@ def test_specificity_compares_with_the_largest_single_control_draw(tmp_path):
     for ci, value in ((m.target_change_rate_ci, m.target_change_rate), (m.other_change_rate_ci, m.other_change_rate)):
         assert ci.low <= value <= ci.high
     assert report.tuning.status == "no_tuning_images" and report.tuned is None
+
+
+def test_the_verdict_on_resamples_applies_the_rule_to_each_resample():
+    # Two images with 2 target and 10 other patches each. The edit changes both target patches of image 0 and one
+    # other patch of image 1; the one control draw changes one target patch of image 1.
+    target_B, other_B = np.array([2, 2]), np.array([10, 10])
+    changed_target_B, changed_other_B, control_B = np.array([2, 0]), np.array([0, 1]), np.array([0, 1])
+    config = SuppressionSettings()
+    # Both images once: target 0.5 >= 0.5, >= 3 x other 0.05, >= 2 x control 0.25: specific (at the edge).
+    assert unmet_criterion(0.5, 0.05, [0.25], config) == "" and unmet_criterion(0.5, 0.2, [0.0], config) == "other"
+    # Image 0 twice: target 1, other 0, control 0. Image 1 twice: target 0. Image 1 with no target patch: undefined.
+    weights_RB = np.array([[1, 1], [2, 0], [0, 2]])
+    verdicts = specific_per_resample(weights_RB, target_B, changed_target_B, other_B, changed_other_B,
+                                     [[control_B]], config)
+    assert verdicts.tolist() == [True, True, False]
+    # A second control seed that changes both of image 0's target patches: 2 x 0.5 > 0.5 on the first resample.
+    verdicts = specific_per_resample(weights_RB, target_B, changed_target_B, other_B, changed_other_B,
+                                     [[control_B, np.array([2, 0])]], config)
+    assert verdicts.tolist() == [False, False, False]
+    assert specific_per_resample(np.array([[0, 2]]), np.array([2, 0]), np.array([2, 0]), other_B, changed_other_B,
+                                 [], config).tolist() == [False]
+    assert unmet_criterion(math.nan, 0.0, [], config) == "undefined"
+
+
+def test_measured_settings_carry_their_verdict_on_the_shared_resamples(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    config = SuppressionSettings(control_seeds=2)
+    reports = [study_class(model, None, c, Selection("f1", (0,)), {"f1": (0,)}, config) for c in (10, 21)]
+    for report in reports:
+        verdicts = report.configured.specific_resamples
+        assert len(verdicts) == config.bootstrap_resamples and set(verdicts) <= {"0", "1"}
+    # The same draws of images for every class: the verdicts are a function of the class and the shared draws only.
+    again = study_class(model, None, 10, Selection("f1", (0,)), {"f1": (0,)}, config)
+    assert again.configured.specific_resamples == reports[0].configured.specific_resamples
+    # Every validation sweep row has its intervals.
+    assert all(row.target_change_rate_ci is not None for row in reports[0].dose_response)
 
 
 def test_tuning_reads_only_the_tuning_images(tmp_path):

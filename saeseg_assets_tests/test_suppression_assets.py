@@ -221,12 +221,13 @@ def test_partition_range_in_one_run_then_summary(world):
     assert meta["n_classes_evaluated"] == len(evaluated) >= 2
     for name in ("n_specific", "n_specific_tuned", "tuned_mode", "tuned_scale", "tuned_n_latents", "tuned_rule",
                  "mean_tpp_score", "mean_tuned_tpp_score", "n_specific_oracle", "per_rule", "classes", "classes_tuned",
-                 "specificity", "class_examples", "report_html", "n_absent_from_validation", "n_without_latents",
+                 "specificity", "class_examples", "path", "n_absent_from_validation", "n_without_latents",
                  "n_stale", "figures"):
         assert name in meta, name
     assert list(meta)[0] == "result" and meta["result"].startswith("At the original setting (-2 x max on every token")
     folder = world.folder("suppression_summary")
-    assert (folder / "summary.csv").exists() and meta["report_html"] == str(folder / "report.html")
+    assert (folder / "summary.csv").exists() and (Path(meta["path"]) / "report.html").is_file()
+    assert list(meta)[-3:] == ["key", "path", "reused"]  # the one path last: the headline is never cut off
     # The classes table: one row per evaluated class; every number of the metadata at 4 significant digits.
     rows = read_result(folder / "classes.json", ClassTable).rows
     assert [r.class_key for r in rows] == evaluated

@@ -15,7 +15,7 @@ stage(tuple(SPLITS), writes=("data.cache",))
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(key, group_name="activations", kinds={"zarr", "pytorch"},
-                     description=f"Patch activations of the {split} split (zarr cache; layout in the README).")
+                     description=f"Patch activations of the {split} split (zarr cache; layout in docs/formats.md).")
         for key, split in SPLITS.items()
     ],
     can_subset=True,

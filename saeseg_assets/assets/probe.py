@@ -53,7 +53,7 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
           automation_condition=DOWNSTREAM_CONDITION)
 def baseline_metrics(context: dg.AssetExecutionContext, storage: Storage, compute: Compute) -> dg.MaterializeResult:
     """The probe on the validation activations, pixel level (bilinear upsampling, argmax over 1..150, label 0
-    ignored): baseline_metrics.csv, one row per class present or predicted (columns in the README)."""
+    ignored): baseline_metrics.csv, one row per class present or predicted (columns in docs/formats.md)."""
     from ..core.probe.evaluation import evaluate_probe, load_baseline, save_baseline
     from ..core.probe.model import check_d_model, load_probe
     from ..core.report.pictures import class_iou_bars_png, png_markdown

@@ -1,6 +1,6 @@
 """`sae_weights`: a sparse autoencoder trained on `train_activations` (or imported), measured on `val_activations`.
 
-Its folder holds sae.safetensors + sae.json (README, "SAE"), evaluation.json and the same SAE in SAELens's layout
+Its folder holds sae.safetensors + sae.json (docs/formats.md), evaluation.json and the same SAE in SAELens's layout
 (saelens/); the trainer state while training.
 """
 

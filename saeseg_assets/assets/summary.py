@@ -146,6 +146,7 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     )
     from ..core.report.summary_page import REPORT_HTML, SUMMARY_PICTURES, summary_html
     from ..core.report.tables import record_csv
+    from ..core.report.text import criteria_words
     from ..core.settings import RULES
     from ..core.store.artifacts import write_atomic
     from ..core.study.examples import EXAMPLES_FILE, load_examples
@@ -163,7 +164,8 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     pictures = {"change_rates": change_rates_png(rows, f"change rates per class ({label})"),
                 "specific_per_setting": specific_counts_png(counts, len(rows), "class-specific classes per validation "
                                                             "setting (optimistic)"),
-                "specificity": specificity_heatmap_png(specificity_grid(reports, RULES))}
+                "specificity": specificity_heatmap_png(specificity_grid(reports, RULES),
+                                                       criteria_words(evaluated(reports)[0].config) if rows else "")}
     # One row per evaluated class: its first example (the image with the most class pixels), original setting.
     examples = []
     for r in evaluated(reports):
@@ -187,7 +189,8 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
 
 def _summary_metadata(folder) -> dict:
     """The headline first, the classes (two narrow tables: Dagster 1.13 shows metadata tables unsorted and cuts wide
-    ones off; report.html has the whole table, sortable), the pictures, the other tables, the report's path last."""
+    ones off; report.html has the whole table, sortable), the pictures, the other tables; the folder of report.html
+    is the recipe's `path`, last."""
     from ..core.report.pictures import png_markdown
     from ..core.report.records import flat
     from ..core.report.results import (
@@ -216,7 +219,8 @@ def _summary_metadata(folder) -> dict:
             # The counts and the most common tuned setting as entries (numbers the UI can plot); every figure in one
             # table: long names in the key column would widen it and push the headline out of view.
             **{name: "" if value is None else value for name, value in flat(summary.figures).items()
-               if name.startswith(HEADLINE_FIGURES)},
+               if name.startswith(HEADLINE_FIGURES) and "_ci_" not in name},
             "figures": dg.MetadataValue.md(markdown_table([{"figure": name, "value": value} for name, value in
-                                                           flat(summary.figures).items()])),
-            "report_html": dg.MetadataValue.path(str(folder / REPORT_HTML))}
+                                                           flat(summary.figures).items()]))}
+    # report.html lies in the output's folder, the `path` entry the recipe adds last: a second, longer path would
+    # widen the UI's value column (Dagster shows a path unbroken) and cut the headline off on the right.

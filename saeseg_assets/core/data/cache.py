@@ -1,6 +1,6 @@
 """Zarr activation caches: a resumable, atomic writer and the one streaming reader.
 
-Layout and attributes are documented in the README ("Activation cache").
+Layout and attributes are documented in docs/formats.md ("Activation cache").
 """
 
 from __future__ import annotations

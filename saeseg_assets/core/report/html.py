@@ -19,6 +19,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef1f5; cursor: pointer; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.6em 0; }
 nav a { margin-right: 0.8em; } .muted { color: #666; }
+details { margin: 0.8em 0; } summary { cursor: pointer; color: #2a5a9a; }
 table.facts td, table.facts th { text-align: left; vertical-align: top; } table.facts th { cursor: default; }
 """
 # Click a column heading to sort by it (numbers as numbers); click again to reverse.
@@ -101,6 +102,12 @@ def html_page(title: str, body: list[str]) -> str:
 def heading(level: int, text: str, anchor: str = "") -> str:
     ident = f' id="{html.escape(anchor)}"' if anchor else ""
     return f"<h{level}{ident}>{html.escape(text)}</h{level}>"
+
+
+def folded(summary: str, fragments: list[str]) -> str:
+    """Fragments shown when the reader opens them (a click on `summary`): long tables and pictures that only some
+    readers want, so that the page stays short to scroll."""
+    return f"<details><summary>{html.escape(summary)}</summary>\n" + "\n".join(fragments) + "\n</details>"
 
 
 def paragraph(text: str, css: str = "") -> str:

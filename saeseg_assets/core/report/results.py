@@ -13,7 +13,9 @@ from .records import INLINE, column, dumps, loads
 
 # Of report.json, summary.json and classes.json; 3: typed records (nested settings, controls and intervals, null for
 # NaN), the version under "format_version" in every file.
-FORMAT_VERSION = 4  # 4: intervals in the classes table, the oracle an upper bound of every count
+# 4: intervals in the classes table, the oracle an upper bound of every count; 5: intervals on every validation
+# sweep row, the verdict per shared resample, intervals on the summary's counts.
+FORMAT_VERSION = 5
 NOT_TUNED = "not tuned"  # the tuned setting in words, for a class without one
 R = TypeVar("R")
 
@@ -104,6 +106,10 @@ class Measured:
     pixels: PixelFigures = field(metadata=INLINE)
     most_moved_other_classes: tuple[MovedClass, ...]  # the five other present classes whose IoU moved most
     random_latents_per_seed: tuple[tuple[int, ...], ...]  # the random-latent control's draws
+    # The verdict on each of the study's shared bootstrap resamples of the validation images (the same draws for
+    # every class: class_study.shared_resamples), "1" where class-specific: the summary adds them up, class by
+    # class, into the intervals of its counts.
+    specific_resamples: str = ""
 
     @property
     def setting(self) -> Setting:
@@ -266,7 +272,9 @@ class SummaryFigures:
 
     n_classes_evaluated: int
     n_specific: int  # class-specific at the configured setting
+    n_specific_ci: Interval  # 95% interval of that count over the shared resamples of the validation images
     n_specific_tuned: int  # class-specific at their own tuned setting
+    n_specific_tuned_ci: Interval
     n_tuned: int
     tuned: Setting | None  # the most common tuned setting
     n_classes_at_common_tuned_setting: int
@@ -303,14 +311,18 @@ class StudySummary:
 
 @dataclass(frozen=True)
 class SpecificityGrid:
-    """Classes by settings for the heatmap: per cell the verdict (None: not measured) and the target change rate;
-    `groups` are (label, first column, end) over the columns."""
+    """Classes by settings for the heatmap: per cell the verdict (None: not measured), the target and other change
+    rates and the first criterion of the rule it fails (measures.unmet_criterion; "" when specific); `groups` are
+    (label, first column, end) over the columns; `configured`: the column of the configured setting (-1: none)."""
 
     rows: tuple[str, ...]
     columns: tuple[str, ...]
     groups: tuple[tuple[str, int, int], ...]
     specific: tuple[tuple[bool | None, ...], ...]
     target: tuple[tuple[float | None, ...], ...]
+    other: tuple[tuple[float | None, ...], ...]
+    unmet: tuple[tuple[str | None, ...], ...]
+    configured: int
     title: str
 
 

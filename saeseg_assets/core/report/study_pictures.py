@@ -8,9 +8,9 @@ import colorsys
 import numpy as np
 
 from .pictures import figure_png, plt
-from .results import SettingCount, SpecificityGrid, SummaryRow, SweepRow
+from .results import Interval, SettingCount, SpecificityGrid, SummaryRow, SweepRow
 
-FORMAT_VERSION = 1  # of the PNG pictures drawn here (a class's and the summary's)
+FORMAT_VERSION = 2  # of the PNG pictures drawn here (a class's and the summary's); 2: intervals drawn
 
 
 def ade_palette() -> np.ndarray:
@@ -144,11 +144,15 @@ def dose_response_png(rows: list[SweepRow], title: str) -> bytes:
                "random latents: target change", "tab:orange", "--"),
               (lambda r: r.random_direction.target_change_rate if r.random_direction else np.nan,
                "random direction: target change", "tab:purple", "--")]
+    bands = [(lambda r: r.target_change_rate_ci, "tab:red"), (lambda r: r.other_change_rate_ci, "tab:blue")]
     for ax, mode in zip(axes[0], modes):
         sub = sorted((r for r in rows if r.setting.mode == mode), key=lambda r: r.setting.scale)
         scales = [r.setting.scale for r in sub]
         for value, label, colour, style in series:
             ax.plot(scales, [value(r) for r in sub], style, color=colour, marker="o", markersize=4, label=label)
+        for ci, colour in bands:
+            low, high = _bounds([ci(r) for r in sub])
+            ax.fill_between(scales, low, high, color=colour, alpha=0.15, linewidth=0)
         # A band from halfway to each neighbouring scale, so a single specific scale is plainly visible.
         edges = [scales[0] - 0.25, *((a + b) / 2 for a, b in zip(scales, scales[1:])), scales[-1] + 0.25]
         for i, r in enumerate(sub):
@@ -163,33 +167,60 @@ def dose_response_png(rows: list[SweepRow], title: str) -> bytes:
     handles, labels = axes[0][0].get_legend_handles_labels()
     any_specific = any(r.specific for r in rows)
     handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.15))
-    labels.append("shaded: class-specific" if any_specific else "class-specific at no scale (would be shaded)")
+    labels.append("green: scales where class-specific" if any_specific else
+                  "class-specific at no scale (would be green)")
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.15))
+    labels.append("bands: 95% intervals over images")
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=10, frameon=False)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     return figure_png(fig)
 
 
 def latent_count_png(rows: list[SweepRow], scale: float, title: str) -> bytes:
-    """Target and other change rates against the number of suppressed latents, at one scale, one line per mode."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode, style in zip(dict.fromkeys(r.setting.mode for r in rows), ("-", "--")):
+    """Target and other change rates, with 95% intervals, against the number of suppressed latents, at one scale,
+    one line per mode; the modes' points side by side so that their bars do not hide each other."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    modes = list(dict.fromkeys(r.setting.mode for r in rows))
+    shown: set[int] = set()
+    for i, (mode, style) in enumerate(zip(modes, ("-", "--"))):
         sub = sorted((r for r in rows if r.setting.mode == mode and r.setting.scale == scale),
                      key=lambda r: r.setting.n_latents)
-        n_latents = [r.setting.n_latents for r in sub]
-        ax.plot(n_latents, [r.target_change_rate for r in sub], style, color="tab:red", marker="o", markersize=4,
-                label=f"target change, {mode}")
-        ax.plot(n_latents, [r.other_change_rate for r in sub], style, color="tab:blue", marker="o", markersize=4,
-                label=f"other change, {mode}")
+        n_latents = np.array([r.setting.n_latents for r in sub], dtype=float)
+        shown.update(int(n) for n in n_latents)
+        x = n_latents * 1.06 ** (i - (len(modes) - 1) / 2)  # a nudge on the log axis
+        for value, ci, colour, name in ((lambda r: r.target_change_rate, lambda r: r.target_change_rate_ci,
+                                         "tab:red", "target"),
+                                        (lambda r: r.other_change_rate, lambda r: r.other_change_rate_ci,
+                                         "tab:blue", "other")):
+            y = np.array([value(r) for r in sub], dtype=float)
+            ax.errorbar(x, y, yerr=_error_bars(y, [ci(r) for r in sub]), fmt=style, color=colour, marker="o",
+                        markersize=4, capsize=3, label=f"{name} change, {mode.replace('_', ' ')}")
     ax.set_xscale("log")
-    ax.set_xlabel("latents suppressed (top N of the ranking)", fontsize=10)
+    ticks = sorted(shown)
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("N: latents suppressed (top N of the ranking)", fontsize=10)
     ax.set_ylabel("share of patches changed", fontsize=10)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    ax.set_title(f"{title}\nat {scale:g} x max", fontsize=11)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    ax.set_title(f"{title}\nat {scale:g} x max (bars: 95% intervals over images)", fontsize=11)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def _bounds(cis: list[Interval | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The lows and highs of intervals (NaN where there is none)."""
+    low = np.array([c.low if c is not None and c.low is not None else np.nan for c in cis], dtype=float)
+    high = np.array([c.high if c is not None and c.high is not None else np.nan for c in cis], dtype=float)
+    return low, high
+
+
+def _error_bars(values: np.ndarray, cis: list[Interval | None]) -> np.ndarray:
+    """matplotlib's yerr ([2, n]: below, above) of intervals around values; 0 where there is no interval."""
+    low, high = _bounds(cis)
+    return np.nan_to_num(np.clip(np.stack([values - low, high - values]), 0, None))
 
 
 def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:
@@ -200,20 +231,27 @@ def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:
     target, other = [p.target_change_rate for p in patch], [p.other_change_rate for p in patch]
     random_latents = [p.random_latents.target_change_rate for p in patch]
     random_direction = [p.random_direction.target_change_rate for p in patch]
+    cis = [[p.target_change_rate_ci for p in patch], [p.other_change_rate_ci for p in patch],
+           [p.random_latents.target_change_rate_ci for p in patch],
+           [p.random_direction.target_change_rate_ci for p in patch]]
     specific = [r.configured.specific for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(keys) + 2), 4.4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(keys) + 2), 4.4))
     x = np.arange(len(keys))
-    ax.scatter(x, target, color="tab:red", label="target change", zorder=3,
-               facecolors=["tab:red" if s else "none" for s in specific])
-    ax.scatter(x, other, color="tab:blue", marker="s", label="other change", zorder=3)
-    ax.scatter(x, random_latents, color="tab:orange", marker="^", label="random latents: target", zorder=2)
-    ax.scatter(x, random_direction, color="tab:purple", marker="v", label="random direction: target", zorder=2)
+    series = [(target, "tab:red", "o", "target change", -0.21), (other, "tab:blue", "s", "other change", -0.07),
+              (random_latents, "tab:orange", "^", "random latents: target", 0.07),
+              (random_direction, "tab:purple", "v", "random direction: target", 0.21)]
+    for (values, colour, marker, label, offset), ci in zip(series, cis):
+        values = np.array(values, dtype=float)
+        ax.errorbar(x + offset, values, yerr=_error_bars(values, ci), fmt="none", ecolor=colour, elinewidth=1,
+                    capsize=2, zorder=2)
+        ax.scatter(x + offset, values, color=colour, marker=marker, label=label, zorder=3,
+                   facecolors=["tab:red" if s else "white" for s in specific] if marker == "o" else colour)
     ax.set_xticks(x, keys, rotation=60, ha="right", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("share of patches changed", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title + "\n(filled circle: class-specific)", fontsize=11)
+    ax.set_title(title + "\n(filled circle: class-specific; bars: 95% intervals over images)", fontsize=11)
     fig.tight_layout()
     return figure_png(fig)
 
@@ -236,21 +274,35 @@ def specific_counts_png(counts: list[SettingCount], n_classes: int, title: str) 
     return figure_png(fig)
 
 
-def specificity_heatmap_png(grid: SpecificityGrid) -> bytes:
+UNMET_MARKS = {"target": "T", "other": "O", "control": "C", "undefined": "?"}  # a heatmap cell's failed criterion
+
+
+def specificity_heatmap_png(grid: SpecificityGrid, criteria: str = "T target, O other, C control") -> bytes:
     """Classes (rows) by settings (columns): green where the class counts as class-specific, grey where not, blank
-    where not measured; each cell shows the target change rate. The grid's groups are drawn above the columns and
-    parted by lines (e.g. the sweep per mode, then the tuned settings per rule)."""
+    where not measured; each cell shows the target over the other change rate and, where not specific, a letter for
+    the first criterion of the rule it fails (`criteria`: the letters in words, text.criteria_words). The configured
+    setting's column is framed; the grid's groups are drawn above the columns and parted by lines."""
     rows, columns, specific, target = grid.rows, grid.columns, grid.specific, grid.target
-    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * max(len(columns), 1), 2.2 + 0.36 * max(len(rows), 1)))
+    fig, ax = plt.subplots(figsize=(2.6 + 0.8 * max(len(columns), 1), 2.6 + 0.5 * max(len(rows), 1)))
     colours = {True: (0.6, 0.85, 0.55), False: (0.88, 0.88, 0.88), None: (1.0, 1.0, 1.0)}
     image = np.array([[colours[None if v is None else bool(v)] for v in line] for line in specific] or
                      [[colours[None]]])
     ax.imshow(image, aspect="auto", interpolation="nearest")
     for i, line in enumerate(target):
         for j, value in enumerate(line):
-            text = "" if value is None or not np.isfinite(value) else f"{value:.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+            if specific[i][j] is None:
+                continue
+            other, unmet = grid.other[i][j], grid.unmet[i][j]
+            text = "\n".join(["-" if v is None or not np.isfinite(v) else f"{v:.2f}" for v in (value, other)])
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.0,
                     fontweight="bold" if specific[i][j] else "normal")
+            if unmet:
+                ax.text(j + 0.46, i - 0.44, UNMET_MARKS[unmet], ha="right", va="top", fontsize=7, color="darkred")
+    if grid.configured >= 0:
+        ax.add_patch(plt.Rectangle((grid.configured - 0.5, -0.5), 1, len(rows), fill=False, edgecolor="black",
+                                   linewidth=2.5, linestyle="--", zorder=4))
+        ax.text(grid.configured, len(rows) - 0.5 + 0.05 * len(rows), "configured", ha="center", va="top",
+                fontsize=9)
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=9)
     ax.set_yticks(range(len(rows)), rows, fontsize=9)
     ax.set_xticks(np.arange(-0.5, len(columns)), minor=True)
@@ -262,8 +314,11 @@ def specificity_heatmap_png(grid: SpecificityGrid) -> bytes:
         if start > 0:
             ax.axvline(start - 0.5, color="black", linewidth=2)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[v], edgecolor="grey") for v in (True, False)]
-    fig.legend(handles, ["class-specific", "not class-specific (numbers: target change rate)"], loc="lower center",
-               ncol=2, fontsize=9, frameon=False)
+    handles += [plt.Rectangle((0, 0), 1, 1, fill=False, edgecolor="none")] * 2
+    fig.legend(handles, ["class-specific", "not class-specific",
+                         "each cell: target change over other change",
+                         f"letter: the criterion failed: {criteria}"],
+               loc="lower center", ncol=2, fontsize=9, frameon=False)
     ax.set_title(grid.title, fontsize=11, pad=24)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return figure_png(fig)

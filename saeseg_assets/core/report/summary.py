@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..study.measures import mean
+import numpy as np
+
+from ..study.measures import mean, unmet_criterion
 from .results import (
     ClassCounts,
     ClassReport,
     ClassRow,
     DoseRow,
     Interval,
+    Measured,
     RuleRow,
     SettingCount,
     SpecificityGrid,
@@ -66,6 +69,27 @@ def upper_bound(reports: list[ClassReport]) -> int:
     return sum(any(bool(row.specific) for row in measured(r)) for r in evaluated(reports))
 
 
+def count_interval(reports: list[ClassReport], measured) -> Interval:
+    """95% interval of the number of class-specific classes over the study's shared resamples of the validation
+    images: each class's verdicts per resample (`Measured.specific_resamples`) added up, a class without the setting
+    (`measured(report)` None) counting as not specific. A report made on other resamples is refused, naming it."""
+    chosen = [(r.class_key, measured(r)) for r in evaluated(reports)]
+    lengths = {len(m.specific_resamples) for _, m in chosen if m is not None}
+    if not chosen or not lengths:
+        return Interval(float("nan"), float("nan"))
+    if len(lengths) > 1 or 0 in lengths:
+        keys = [k for k, m in chosen if m is not None and len(m.specific_resamples) != max(lengths)]
+        raise ValueError(f"class reports {keys} hold verdicts on {sorted(lengths)} resamples, not one shared set: "
+                         "re-materialize suppression_report for every class")
+    total_R = np.zeros(lengths.pop())
+    for _, m in chosen:
+        if m is not None:
+            total_R += np.frombuffer(m.specific_resamples.encode(), np.uint8) == ord("1")
+    # Whole classes: the resampled counts' own values at the 2.5th and 97.5th percentiles, never between two.
+    return Interval(float(np.percentile(total_R, 2.5, method="lower")),
+                    float(np.percentile(total_R, 97.5, method="higher")))
+
+
 def oracle(counts: list[SettingCount]) -> tuple[int, str]:
     """The validation setting with the most class-specific classes, and it in words (at most `upper_bound`)."""
     if not counts:
@@ -104,7 +128,9 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
     _, oracle_words = oracle(counts)
     figures = SummaryFigures(
         n_classes_evaluated=len(rows), n_specific=sum(row.configured.specific for row in rows),
-        n_specific_tuned=sum(t.specific for t in tuned), n_tuned=len(tuned),
+        n_specific_ci=count_interval(reports, lambda r: r.configured),
+        n_specific_tuned=sum(t.specific for t in tuned),
+        n_specific_tuned_ci=count_interval(reports, lambda r: r.tuned), n_tuned=len(tuned),
         tuned=common[0][0] if common else None, n_classes_at_common_tuned_setting=common[0][1] if common else 0,
         n_absent_from_validation=sum(r.status == "absent_from_validation" for r in reports),
         n_without_latents=sum(r.status == "no_latents" for r in reports),
@@ -154,14 +180,24 @@ def specificity_grid(reports: list[ClassReport], rules: tuple[str, ...]) -> Spec
     groups = [(f"{mode.replace('_', ' ')}, scale x max", modes.index(mode), len(modes) - modes[::-1].index(mode))
               for mode in dict.fromkeys(modes)]
     groups.append(("tuned, per rule", len(sweep), len(sweep) + len(rules)))
-    specific, target = [], []
+    specific, target, other, unmet = [], [], [], []
     for r in classes:
         cells = {(row.setting.mode, row.setting.scale): row for row in r.dose_response if row.specific is not None}
         found = [cells.get(setting) for setting in sweep] + [r.tuned_per_rule.get(rule) for rule in rules]
         specific.append(tuple(None if c is None else bool(c.specific) for c in found))
         target.append(tuple(None if c is None else c.target_change_rate for c in found))
+        other.append(tuple(None if c is None else c.other_change_rate for c in found))
+        unmet.append(tuple(None if c is None else row_unmet(c, r.config) for c in found))
+    configured = {(r.setting.mode, r.setting.scale) for r in classes}
     n = classes[0].setting.n_latents if classes else 0
     return SpecificityGrid(tuple(r.class_key for r in classes), tuple(f"{scale:g}" for _, scale in sweep) + rules,
-                           tuple(groups), tuple(specific), tuple(target),
+                           tuple(groups), tuple(specific), tuple(target), tuple(other), tuple(unmet),
+                           sweep.index(configured.pop()) if len(configured) == 1 and configured <= set(sweep) else -1,
                            f"class-specific or not, on validation: the sweep at N = {n} latents, then each rule's "
                            "tuned setting")
+
+
+def row_unmet(row: SweepRow, config) -> str:
+    """The first criterion of the specificity rule a row with controls fails ("" if it is class-specific)."""
+    return unmet_criterion(row.target_change_rate, row.other_change_rate,
+                           [row.random_latents.target_change_max, row.random_direction.target_change_max], config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .html import (
     facts_table,
     figures_table,
+    folded,
     heading,
     html_page,
     html_table,
@@ -18,7 +19,8 @@ from .results import ClassReport, ClassRow, RuleRow, SettingCount, StudySummary
 from .tables import record_markdown
 from .text import CLASS_TABLE_NOTE, SWEEP_MARK, report_markdown
 
-FORMAT_VERSION = 2  # of report.html (2: what it is made from, each class's table before its pictures)
+# 2: what it is made from, each class's table before its pictures; 3: the sweep and the gallery folded.
+FORMAT_VERSION = 3  # of report.html
 
 REPORT_HTML = "report.html"
 # Picture names of the summary and of a class, with their headings in the page.
@@ -27,6 +29,7 @@ SUMMARY_PICTURES = {"specificity": "Class-specific or not, by setting", "class_e
                     "validation setting (chosen on the images counted: optimistic)"}
 CLASS_PICTURES = {"examples": "Examples", "dose_response": "Dose-response", "latent_count": "Number of latents",
                   "gallery": "Top training patches of its latents"}
+FOLDED_PICTURES = {"gallery"}  # a class's pictures shown on a click, with its validation sweep
 PHOTOS = {"class_examples", "examples", "gallery"}  # inlined as JPEG: a fraction of the size, as sharp to the eye
 
 
@@ -60,11 +63,15 @@ def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str
         sentence, details = report_markdown(report).split("\n", 1)
         settings, sweep = details.split(SWEEP_MARK, 1) if SWEEP_MARK in details else (details, "")
         body += [heading(2, f"{key}: {report.class_name}", key), paragraph(sentence), markdown_html(settings)]
-        for name, title in CLASS_PICTURES.items():
-            if name in class_pictures.get(key, {}):
-                body += [heading(3, title), png_img(class_pictures[key][name], f"{key} {title}", name in PHOTOS)]
+        shown = {name: [heading(3, title), png_img(class_pictures[key][name], f"{key} {title}", name in PHOTOS)]
+                 for name, title in CLASS_PICTURES.items() if name in class_pictures.get(key, {})}
+        body += [fragment for name, fragments in shown.items() if name not in FOLDED_PICTURES
+                 for fragment in fragments]
+        more = [fragment for name in FOLDED_PICTURES & shown.keys() for fragment in shown[name]]
         if sweep:
-            body.append(markdown_html(SWEEP_MARK + sweep))
+            more.append(markdown_html(SWEEP_MARK + sweep))
+        if more:
+            body.append(folded(f"{key}: its latents' top training patches and the whole validation sweep", more))
     if others:
         body += [heading(2, f"Classes not evaluated ({len(others)})"),
                  html_table([{"class": r.class_key, "name": r.class_name, "status": r.status, "reason": r.reason}

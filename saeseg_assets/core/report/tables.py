@@ -92,15 +92,18 @@ def _line(cells: Sequence[str]) -> str:
 
 def record_markdown(rows: Iterable, kind: type, view: str | None = None) -> str:
     """Typed rows as a markdown table: the columns of their type (of `view` only, if given) under their headings. A
-    rate with an interval beside it (`<rate>_ci` in the record) shows as one cell, 0.97 [0.93, 0.99]."""
+    rate with an interval beside it (`<rate>_ci` in the record) shows as one cell, 0.97 [0.93, 0.99]; a change rate
+    without one (`*change_rate`) as `rate_text` writes it, 0.042."""
     from .records import columns, flat
 
     names = columns(kind, view)
     flats = [flat(row, kind) for row in rows]
     with_ci = [n for n in names if f"{n}_ci_low" in (flats[0] if flats else {})]
+    rates = [n for n in names if n.endswith("change_rate") and n not in with_ci]
     for row in flats:
-        for n in with_ci:
-            bounds = SimpleNamespace(low=_number(row[f"{n}_ci_low"]), high=_number(row[f"{n}_ci_high"]))
+        for n in with_ci + rates:
+            bounds = (SimpleNamespace(low=_number(row[f"{n}_ci_low"]), high=_number(row[f"{n}_ci_high"]))
+                      if n in with_ci else None)
             row[n] = rate_text(row[n], bounds) if isinstance(row[n], float) and math.isfinite(row[n]) else row[n]
     merged = {f"{n}_ci_{end}" for n in with_ci for end in ("low", "high")}
     shown = {n: h for n, h in names.items() if n not in merged}

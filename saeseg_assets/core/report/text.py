@@ -15,6 +15,7 @@ from .results import (
     SummaryFigures,
     SweepRow,
 )
+from ..study.measures import unmet_criterion
 from .tables import markdown_table, rate_text
 
 SWEEP_MARK = "Validation sweep of the "  # where a class's account turns from its settings to the long sweep
@@ -41,17 +42,23 @@ def failed_criterion(measured: Measured, config) -> str:
     target, other = p.target_change_rate, p.other_change_rate
     controls = {"random latents": p.random_latents.target_change_max,
                 "random direction": p.random_direction.target_change_max}
-    if measured.specific:
-        return ""
-    if not all(math.isfinite(v) for v in (target, other, *controls.values())):
+    unmet, t = unmet_criterion(target, other, list(controls.values()), config), rate_text(target, None)
+    if unmet == "undefined":
         return "a rate is undefined"
-    t = rate_text(target, None)
-    if target < config.min_target_change:
+    if unmet == "target":
         return f"target {t} < {config.min_target_change:g}"
-    if target < config.other_factor * other:
+    if unmet == "other":
         return f"target {t} < {config.other_factor:g} x other {rate_text(other, None)}"
-    name, largest = max(controls.items(), key=lambda kv: kv[1])
-    return f"target {t} < {config.control_factor:g} x the largest {name} draw {rate_text(largest, None)}"
+    if unmet == "control":
+        name, largest = max(controls.items(), key=lambda kv: kv[1])
+        return f"target {t} < {config.control_factor:g} x the largest {name} draw {rate_text(largest, None)}"
+    return ""
+
+
+def criteria_words(config) -> str:
+    """The heatmap's letters for the criterion a setting fails (measures.unmet_criterion), with the rule's numbers."""
+    return (f"T target < {config.min_target_change:g}, O target < {config.other_factor:g} x other, "
+            f"C target < {config.control_factor:g} x a control draw")
 
 
 def example_words(report: ClassReport) -> dict[str, str]:
@@ -139,14 +146,22 @@ def tuned_words(measured: Measured | None) -> str:
     return describe_setting(measured.setting) if measured is not None else NOT_TUNED
 
 
+def count_text(count: int, ci) -> str:
+    """A count of classes with its 95% interval over resampled images: "5 [3, 7]"."""
+    if ci is None or not (math.isfinite(ci.low) and math.isfinite(ci.high)):
+        return str(count)
+    return f"{count} [{ci.low:.0f}, {ci.high:.0f}]"
+
+
 def summary_sentence(figures: SummaryFigures) -> str:
-    """The summary in words, the counts first."""
+    """The summary in words, the counts first (with 95% intervals over resampled validation images)."""
     n, t = figures.n_classes_evaluated, figures.tuned
     tuned_text = (f"at settings tuned per class on held-out training images (most often {t.scale:g} x max, {t.mode}, "
-                  f"{t.n_latents} latents by {t.rule}) {figures.n_specific_tuned} of {n}" if t is not None
-                  else "no class could be tuned")
-    return (f"At the original setting ({figures.configured_setting}) {figures.n_specific} of {n} present classes are "
-            f"class-specific; {tuned_text}. Mean change rates at the original setting: target "
+                  f"{t.n_latents} latents by {t.rule}) {count_text(figures.n_specific_tuned, figures.n_specific_tuned_ci)}"
+                  f" of {n}" if t is not None else "no class could be tuned")
+    return (f"At the original setting ({figures.configured_setting}) "
+            f"{count_text(figures.n_specific, figures.n_specific_ci)} of {n} present classes are "
+            f"class-specific (95% intervals over resampled validation images in brackets); {tuned_text}. Mean change rates at the original setting: target "
             f"{figures.mean_target_change_rate:.2f}, other patches {figures.mean_other_change_rate:.2f}, "
             f"random latents {figures.mean_random_latents_target_change_rate:.2f}, a random direction of the "
             f"same norm {figures.mean_random_direction_target_change_rate:.2f}; at the tuned settings target "

@@ -1,5 +1,5 @@
 """Importing SAEs trained elsewhere (saev `.pt` files of every layout, SAELens folders, our own pair) into our model,
-weights-only, with the encoder of the library that wrote them; what is read and refused: README, "Importing an SAE".
+weights-only, with the encoder of the library that wrote them; what is read and refused: docs/import.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The sparse autoencoder (ReLU, TopK, BatchTopK or JumpReLU encoder) with its sparse kernels, and its checkpoint files.
 
-Saved weights act on raw activations of the cache they were trained on (format: README, "SAE").
+Saved weights act on raw activations of the cache they were trained on (format: docs/formats.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ PAIRS = {"sae": (("sae.safetensors", "sae.json"), ("sae_weights.safetensors", "c
          "probe": (("probe.safetensors", "probe.json"),)}
 # A checkpoint counts as settled only when its newest file was last modified at least this long ago (and hash, size
 # and times were the same on two consecutive looks): a copy that pauses for less never triggers an import. A longer
-# pause can still trigger one, which then fails rather than import other bytes (README, "Automatic re-runs").
+# pause can still trigger one, which then fails rather than import other bytes (docs/automation.md).
 QUIET_PERIOD_S = 60
 _BLOCK = 1 << 20
 

@@ -22,6 +22,7 @@ from .measures import (
     most_moved,
     pixel_measures,
     ratio_interval,
+    specific_per_resample,
     tpp_score,
 )
 from .model import SuppressionModel
@@ -50,18 +51,25 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
             return replace(report, status="no_latents",
                            reason="no latents were chosen for this class (see class_latents)")
         weights_RB = bootstrap_weights(model.n_images, config.bootstrap_resamples, [config.seed, class_index])
-        configured = measure(patches, selection.latents, setting, config, weights_RB)
+        shared_RB = shared_resamples(model.n_images, config)
+        configured = measure(patches, selection.latents, setting, config, weights_RB, shared_RB)
         tuned = (tune(tuning, class_index, rankings, config) if tuning is not None else
                  Tuning("no_tuning_images", "no held-out training images were given"))
         measured, per_rule = None, {}
         if tuned.chosen is not None:
-            measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB)
+            measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB, shared_RB)
             per_rule = {rule: sweep_row(patches, row.setting, _top(rankings, row.setting), config, True)
                         for rule, row in tuned.per_rule.items()}
         dose = dose_response(patches, rankings.get(selection.rule) or selection.latents, selection.rule,
-                             len(selection.latents), config)
+                             len(selection.latents), config, weights_RB)
     return replace(report, configured=configured, tuning=tuned, tuned=measured, tuned_per_rule=per_rule,
                    dose_response=dose)
+
+
+def shared_resamples(n_images: int, config: SuppressionSettings) -> np.ndarray:
+    """The study's resamples of the validation images that every class shares (seeded by the seed alone), so that
+    the summary can count class-specific classes on each: [resamples, images]."""
+    return bootstrap_weights(n_images, config.bootstrap_resamples, [config.seed])
 
 
 def _top(rankings: dict[str, tuple[int, ...]], setting: Setting) -> tuple[int, ...]:
@@ -84,21 +92,23 @@ def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: Supp
 
 
 def sweep_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], config: SuppressionSettings,
-              with_controls: bool) -> SweepRow:
-    """Patch-level figures of one setting; with controls, the verdict too."""
+              with_controls: bool, weights_RB: np.ndarray | None = None) -> SweepRow:
+    """Patch-level figures of one setting; with controls, the verdict too; with `weights_RB`, intervals."""
     effect, changed = patches.edit(latents, setting.mode, setting.scale)
-    return patch_figures(patches, setting, latents, effect, changed, config, with_controls)
+    return patch_figures(patches, setting, latents, effect, changed, config, with_controls, weights_RB)
 
 
 def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEffect,
                   changed: Changed, config: SuppressionSettings, with_controls: bool,
-                  weights_RB: np.ndarray | None = None) -> SweepRow:
-    """The change rates and target accuracy of an edit; with controls, each control over its seeds and the verdict
-    (against the largest single draw); with `weights_RB`, 95% bootstrap intervals over images."""
+                  weights_RB: np.ndarray | None = None, per_seed: tuple[list[Changed], list[Changed]] | None = None
+                  ) -> SweepRow:
+    """The change rates and target accuracy of an edit; with controls (`per_seed`: their changes, made here if not
+    given), each control over its seeds and the verdict (against the largest single draw); with `weights_RB`, 95%
+    bootstrap intervals over images."""
     target, other = patches.target_rate(changed), patches.other_rate(changed)
     random_latents = random_direction = specific = target_ci = other_ci = None
     if with_controls:
-        per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
+        per_seed = per_seed or controls_changed(patches, effect, latents, setting, config)
         random_latents, random_direction = (control(patches, seeds, weights_RB) for seeds in per_seed)
         specific = is_class_specific(target, other, [random_latents.target_change_max,
                                                      random_direction.target_change_max], config)
@@ -107,6 +117,12 @@ def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, .
         other_ci = ratio_interval(weights_RB, changed.other_B, patches.other_B)
     return SweepRow(setting, effect.n_tokens, target, other, patches.target_accuracy(changed),
                     random_latents, random_direction, specific, target_ci, other_ci)
+
+
+def controls_changed(patches: ClassPatches, effect: LatentEffect, latents: tuple[int, ...], setting: Setting,
+                     config: SuppressionSettings) -> tuple[list[Changed], list[Changed]]:
+    """What each control draw changes: (random latents per seed, random direction per seed)."""
+    return patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
 
 
 def control(patches: ClassPatches, per_seed: list[Changed], weights_RB: np.ndarray | None = None) -> Control:
@@ -173,13 +189,16 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
 
 
 def measure(patches: ClassPatches, latents: tuple[int, ...], setting: Setting, config: SuppressionSettings,
-            weights_RB: np.ndarray) -> Measured:
+            weights_RB: np.ndarray, shared_RB: np.ndarray) -> Measured:
     """One setting on validation: patch-level change rates of the edit and both controls with 95% bootstrap
-    intervals over images, the verdict, the TPP score, and pixel-level IoU and accuracy (with the interval of the
-    target IoU change)."""
+    intervals over images, the verdict (and on each of the `shared_RB` resamples), the TPP score, and pixel-level
+    IoU and accuracy (with the interval of the target IoU change)."""
     model, class_index = patches.model, patches.class_index
     effect, changed = patches.edit(latents, setting.mode, setting.scale)
-    patch = patch_figures(patches, setting, latents, effect, changed, config, True, weights_RB)
+    per_seed = controls_changed(patches, effect, latents, setting, config)
+    patch = patch_figures(patches, setting, latents, effect, changed, config, True, weights_RB, per_seed)
+    resampled = specific_per_resample(shared_RB, patches.target_B, changed.target_B, patches.other_B,
+                                      changed.other_B, [[c.target_B for c in seeds] for seeds in per_seed], config)
     before = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
     after_counts = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
     shift = effect.shift(setting.scale, setting.mode)
@@ -189,13 +208,14 @@ def measure(patches: ClassPatches, latents: tuple[int, ...], setting: Setting, c
     return Measured(patch, tuple(latents), tuple(float(v) for v in effect.values(setting.scale)),
                     tpp_score(model.patch.labels_N, model.patch.pred_N, patches.predictions(changed), class_index),
                     pixels, most_moved(model.pixel_before, after, class_index),
-                    tuple(r for r, _ in patches.draws(latents, config)))
+                    tuple(r for r, _ in patches.draws(latents, config)), "".join("01"[int(v)] for v in resampled))
 
 
 def dose_response(patches: ClassPatches, ranking: tuple[int, ...], rule: str, configured_n: int,
-                  config: SuppressionSettings) -> tuple[SweepRow, ...]:
-    """Validation, patch level: every N of the sweep x mode x scale for the configured rule's ranking; the rows of
-    the configured N carry their controls and verdict (these give the optimistic `n_specific_oracle`)."""
+                  config: SuppressionSettings, weights_RB: np.ndarray) -> tuple[SweepRow, ...]:
+    """Validation, patch level: every N of the sweep x mode x scale for the configured rule's ranking, with 95%
+    intervals over images; the rows of the configured N carry their controls and verdict (these give the optimistic
+    `n_specific_oracle`)."""
     return tuple(sweep_row(patches, setting, tuple(ranking[:setting.n_latents]), config,
-                           setting.n_latents == configured_n)
+                           setting.n_latents == configured_n, weights_RB)
                  for setting in candidate_settings({rule: ranking}, (rule,), config))

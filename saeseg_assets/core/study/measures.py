@@ -111,11 +111,46 @@ def most_moved(before: ConfusionMatrix, after: ConfusionMatrix, class_index: int
                             float(iou_a[c] - iou_b[c])) for c in others[:n])
 
 
+UNMET = ("target", "other", "control", "undefined")  # the specificity rule's criteria, in the order they are checked
+
+
+def unmet_criterion(target: float, other: float, control_targets: list[float],
+                    config: SuppressionSettings = SuppressionSettings()) -> str:
+    """The first criterion of the specificity rule a setting fails ("" if it is class-specific): "undefined" (a
+    rate is NaN), "target" (target < min_target_change), "other" (target < other_factor x other) or "control"
+    (target < control_factor x the larger control target)."""
+    values = [target, other, *control_targets]
+    if any(not math.isfinite(v) for v in values):
+        return "undefined"
+    if target < config.min_target_change:
+        return "target"
+    if target < config.other_factor * other:
+        return "other"
+    if target < config.control_factor * max(control_targets, default=0.0):
+        return "control"
+    return ""
+
+
 def is_class_specific(target: float, other: float, control_targets: list[float],
                       config: SuppressionSettings = SuppressionSettings()) -> bool:
     """target >= min_target_change, >= other_factor x other, >= control_factor x the larger control target."""
-    values = [target, other, *control_targets]
-    if any(not math.isfinite(v) for v in values):
-        return False
-    return (target >= config.min_target_change and target >= config.other_factor * other
-            and target >= config.control_factor * max(control_targets, default=0.0))
+    return unmet_criterion(target, other, control_targets, config) == ""
+
+
+def specific_per_resample(weights_RB: np.ndarray, target_B, changed_target_B, other_B, changed_other_B,
+                          controls_changed_target_B: list[list], config: SuppressionSettings) -> np.ndarray:
+    """The verdict of one setting on each resample of the images ([resamples] bool): the rule applied to the
+    resample's target and other change rates and each control's largest draw, as `is_class_specific` does once."""
+    def rate(num_B, den_B) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (weights_RB @ np.asarray(num_B, np.float64)) / (weights_RB @ np.asarray(den_B, np.float64))
+
+    target_R, other_R = rate(changed_target_B, target_B), rate(changed_other_B, other_B)
+    controls_R = np.zeros_like(target_R)
+    finite_R = np.isfinite(target_R) & np.isfinite(other_R)
+    for seeds in controls_changed_target_B:
+        largest_R = np.max([rate(c, target_B) for c in seeds], axis=0)
+        finite_R &= np.isfinite(largest_R)
+        controls_R = np.fmax(controls_R, largest_R)
+    return (finite_R & (target_R >= config.min_target_change) & (target_R >= config.other_factor * other_R)
+            & (target_R >= config.control_factor * controls_R))

@@ -15,6 +15,7 @@ from saeseg_assets.core.report.html import markdown_html
 from saeseg_assets.core.report.records import columns
 from saeseg_assets.core.report.results import (
     ClassReport,
+    RuleRow,
     ClassRow,
     Control,
     Interval,
@@ -60,23 +61,24 @@ def measured(setting: Setting, target: float, specific: bool, iou_after: float =
     each of 40 shared resamples (default: the verdict on all of them)."""
     control = replace(CONTROL, target_change_rate_ci=Interval(0.05, 0.15), other_change_rate_ci=Interval(0.0, 0.02))
     patch = SweepRow(setting, 12, target, 0.01, 0.1, control, control, specific, Interval(target - 0.1, target),
-                     Interval(0.0, 0.02))
+                     Interval(0.0, 0.02), "01"[specific] * 40 if resamples is None else resamples)
     pixels = PixelFigures(0.5, iou_after, iou_after - 0.5, Interval(-0.4, -0.2), 0.6, 0.3, 0.4, 0.4)
-    return Measured(patch, tuple(range(1, setting.n_latents + 1)), (-1.0,) * setting.n_latents, 0.3, pixels, (), (),
-                    "01"[specific] * 40 if resamples is None else resamples)
+    return Measured(patch, tuple(range(1, setting.n_latents + 1)), (-1.0,) * setting.n_latents, 0.3, pixels, (), ())
 
 
 def report(key: str, index: int, target: float, specific: bool, tuned_specific: bool | None) -> ClassReport:
     """An evaluated class: the configured setting (3 latents, -2 x max, every token), the sweep rows at N = 3 for two
     scales, and (unless `tuned_specific` is None) a tuned setting with one rule measured on validation."""
     sweep = tuple(SweepRow(Setting("f1", 3, "every_token", s), 12, target * abs(s) / 2, 0.01, 0.1, CONTROL, CONTROL,
-                           specific=specific and s == -2.0) for s in (-2.0, -1.0))
+                           specific=specific and s == -2.0, specific_resamples="01"[specific and s == -2.0] * 40)
+                  for s in (-2.0, -1.0))
     sweep += (SweepRow(Setting("f1", 1, "every_token", -2.0), 4, 0.1, 0.0, 0.5),)  # other N: no controls
     tuning, tuned, per_rule = Tuning("no_tuning_images", "no held-out images"), None, {}
     if tuned_specific is not None:
         tuned = measured(TUNED, 0.9, tuned_specific)
         tuning = Tuning("tuned", "", 10, 40, tuned.patch, {"f1": tuned.patch}, (tuned.patch,))
-        per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, CONTROL, CONTROL, specific=tuned_specific)}
+        per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, CONTROL, CONTROL, specific=tuned_specific,
+                                   specific_resamples="01"[tuned_specific] * 40)}
     # grass, the one specific class: specific on 30 of the 40 shared resamples.
     configured = measured(CONFIGURED, target, specific, iou_after=math.nan,
                           resamples="1" * 30 + "0" * 10 if specific else None)
@@ -174,6 +176,14 @@ def test_the_summary_counts_the_configured_and_tuned_verdicts():
     assert (f.n_specific_oracle, f.oracle_setting) == (1, "-2 x max, every_token, 3 latents")
     assert [(r.rule, r.counts.n_classes, r.counts.n_specific) for r in summary.per_rule] == [
         ("f1", 1, 1), ("activation_sum", 0, 0)]
+    # Per rule and per setting, the counts' intervals: grass tuned by f1 specific on every resample; no class for
+    # activation_sum; at -2 x max grass is specific on all 40 of its sweep row's resamples.
+    assert [r.counts.n_specific_ci for r in summary.per_rule][0] == Interval(1.0, 1.0)
+    assert math.isnan(summary.per_rule[1].counts.n_specific_ci.low)
+    assert [(c.scale, c.counts.n_specific, c.counts.n_specific_ci) for c in summary.per_setting] == [
+        (-2.0, 1, Interval(1.0, 1.0)), (-1.0, 0, Interval(0.0, 0.0))]
+    assert "| f1 | 14 |" not in record_markdown(summary.per_rule, RuleRow)
+    assert "| f1 | 1 | 1 [1, 1] | 0.90 | 0.020 |" in record_markdown(summary.per_rule, RuleRow)
     # grass: specific on 30 of 40 resamples, sky on none: 10 resamples count 0, 30 count 1. Tuned: grass on all 40.
     assert (f.n_specific_ci, f.n_specific_tuned_ci) == (Interval(0.0, 1.0), Interval(1.0, 1.0))
     assert summary.result.startswith("At the original setting (-2 x max on every token, 3 latents by f1) 1 [0, 1] of "
@@ -258,5 +268,5 @@ def test_count_intervals_refuse_reports_made_on_other_resamples():
     from saeseg_assets.core.report.summary import count_interval
 
     short = replace(REPORTS[1], configured=measured(CONFIGURED, 0.2, False, resamples="0" * 20))
-    with pytest.raises(ValueError, match=r"\['003_sky'\] hold verdicts on \[20, 40\] resamples"):
-        count_interval([REPORTS[0], short], lambda r: r.configured)
+    with pytest.raises(ValueError, match=r"hold verdicts on \[20, 40\] resamples"):
+        count_interval([REPORTS[0].configured.patch, short.configured.patch])

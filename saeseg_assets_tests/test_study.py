@@ -146,11 +146,11 @@ def test_measured_settings_carry_their_verdict_on_the_shared_resamples(tmp_path)
     config = SuppressionSettings(control_seeds=2)
     reports = [study_class(model, None, c, Selection("f1", (0,)), {"f1": (0,)}, config) for c in (10, 21)]
     for report in reports:
-        verdicts = report.configured.specific_resamples
+        verdicts = report.configured.patch.specific_resamples
         assert len(verdicts) == config.bootstrap_resamples and set(verdicts) <= {"0", "1"}
     # The same draws of images for every class: the verdicts are a function of the class and the shared draws only.
     again = study_class(model, None, 10, Selection("f1", (0,)), {"f1": (0,)}, config)
-    assert again.configured.specific_resamples == reports[0].configured.specific_resamples
+    assert again.configured.patch.specific_resamples == reports[0].configured.patch.specific_resamples
     # Every validation sweep row has its intervals.
     assert all(row.target_change_rate_ci is not None for row in reports[0].dose_response)
 

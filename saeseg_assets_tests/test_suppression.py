@@ -17,7 +17,7 @@ from saeseg_assets.core.probe.metrics import (
 )
 from saeseg_assets.core.probe.model import Probe
 from saeseg_assets.core.report.records import json_safe
-from saeseg_assets.core.report.results import DoseRow, Selection, Setting, SweepRow
+from saeseg_assets.core.report.results import DoseRow, Interval, Selection, Setting, SweepRow
 from saeseg_assets.core.report.summary import oracle, setting_counts
 from saeseg_assets.core.sae.model import Sae, SaeSpec
 from saeseg_assets.core.settings import MODES, SuppressionSettings
@@ -239,16 +239,21 @@ def test_json_safe_turns_non_finite_numbers_into_null():
 
 def test_summary_counts_and_the_oracle_diagnostic():
     def rows(key, cells):
-        return [DoseRow(key, SweepRow(Setting("f1", 3, m, s), 0, t, o, math.nan, specific=spec))
-                for m, s, t, o, spec in cells] + [DoseRow(key, SweepRow(Setting("f1", 5, "every_token", -2.0), 0,
+        return [DoseRow(key, SweepRow(Setting("f1", 3, m, s), 0, t, o, math.nan, specific=spec,
+                                      specific_resamples=resamples)) for m, s, t, o, spec, resamples in cells] + [DoseRow(key, SweepRow(Setting("f1", 5, "every_token", -2.0), 0,
                                                                         1.0, 0.0, math.nan))]
-    dose = (rows("010_grass", [("every_token", -2.0, 0.9, 0.5, False), ("where_active", -2.0, 0.8, 0.1, True)])
-            + rows("003_floor", [("every_token", -2.0, 0.9, 0.6, False), ("where_active", -2.0, 0.7, 0.1, True)]))
+    # On 40 shared resamples: grass where active specific on all, floor on the first 35.
+    dose = (rows("010_grass", [("every_token", -2.0, 0.9, 0.5, False, "0" * 40),
+                               ("where_active", -2.0, 0.8, 0.1, True, "1" * 40)])
+            + rows("003_floor", [("every_token", -2.0, 0.9, 0.6, False, "0" * 40),
+                                 ("where_active", -2.0, 0.7, 0.1, True, "1" * 35 + "0" * 5)]))
     counts = setting_counts(dose)
     # Only rows measured with their controls count; the row of 5 latents has none.
     assert [(c.n_latents, c.mode, c.counts.n_specific) for c in counts] == [(3, "every_token", 0),
                                                                              (3, "where_active", 2)]
     assert counts[1].counts.mean_target_change_rate == 0.75 and counts[1].counts.mean_other_change_rate == 0.1
+    # 5 of 40 resampled counts are 1, 35 are 2: the 2.5th percentile is 1, the 97.5th 2.
+    assert (counts[0].counts.n_specific_ci, counts[1].counts.n_specific_ci) == (Interval(0.0, 0.0), Interval(1.0, 2.0))
     assert oracle(counts) == (2, "-2 x max, where_active, 3 latents")
 
 

@@ -14,7 +14,8 @@ from ..resources import Compute, Storage
 from .latents import CLASS_LATENTS_FILE
 
 REPORT_FILE = "report.json"
-PICTURES = ("examples", "dose_response", "latent_count")  # PNG files beside a class's report, shown in its metadata
+# PNG files beside a class's report, shown in its metadata
+PICTURES = ("examples", "tradeoff", "dose_response", "latent_count")
 
 SuppressionReportConfig = launchpad_config("SuppressionReportConfig", SuppressionSettings)
 
@@ -117,11 +118,13 @@ def _choice(folder):
 
 def _write_pictures(work, report, model, cache, load_rgb, settings: SuppressionSettings) -> None:
     """examples.npz and the class's pictures: examples (ground truth, baseline, the configured and the tuned
-    suppression), dose-response at the configured number of latents, the latent-count sweep."""
+    suppression), dose-response at the configured number of latents, the latent-count sweep, the trade-off of every
+    validation setting."""
     from ..core.report.study_pictures import (
         dose_response_png,
         examples_png,
         latent_count_png,
+        tradeoff_png,
     )
     from ..core.report.text import example_words
     from ..core.store.artifacts import write_atomic
@@ -138,6 +141,9 @@ def _write_pictures(work, report, model, cache, load_rgb, settings: SuppressionS
         configured, f"{key}: dose-response, top {setting.n_latents} latents by {setting.rule} (validation)"))
     write_atomic(work / "latent_count.png", latent_count_png(
         list(report.dose_response), settings.scale, f"{key}: latent-count sweep ({setting.rule})"))
+    write_atomic(work / "tradeoff.png", tradeoff_png(
+        list(report.dose_response), {name: measured.patch for name, measured in runs.items()}, settings,
+        f"{key}: what each validation setting costs ({setting.rule} ranking)"))
 
 
 def _report_metadata(report, folder) -> dict:

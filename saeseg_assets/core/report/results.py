@@ -67,6 +67,10 @@ class SweepRow:
     specific: bool | None = None  # the verdict (SuppressionSettings.specificity_rule) against the controls' maxima
     target_change_rate_ci: Interval | None = None
     other_change_rate_ci: Interval | None = None
+    # Validation rows with controls: the verdict on each of the study's bootstrap resamples of the validation images
+    # that every class shares (class_study.shared_resamples), "1" where class-specific; the summary adds them up,
+    # class by class, into the intervals of its counts.
+    specific_resamples: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,6 @@ class Measured:
     pixels: PixelFigures = field(metadata=INLINE)
     most_moved_other_classes: tuple[MovedClass, ...]  # the five other present classes whose IoU moved most
     random_latents_per_seed: tuple[tuple[int, ...], ...]  # the random-latent control's draws
-    # The verdict on each of the study's shared bootstrap resamples of the validation images (the same draws for
-    # every class: class_study.shared_resamples), "1" where class-specific: the summary adds them up, class by
-    # class, into the intervals of its counts.
-    specific_resamples: str = ""
 
     @property
     def setting(self) -> Setting:
@@ -243,6 +243,7 @@ class ClassCounts:
 
     n_classes: int = field(metadata=column("classes"))
     n_specific: int = field(metadata=column("specific"))  # class-specific among them
+    n_specific_ci: Interval  # 95% interval of that count over the shared resamples of the validation images
     mean_target_change_rate: float = field(metadata=column("mean target"))
     mean_other_change_rate: float = field(metadata=column("mean other"))
 

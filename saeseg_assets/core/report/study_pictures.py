@@ -10,7 +10,7 @@ import numpy as np
 from .pictures import figure_png, plt
 from .results import Interval, SettingCount, SpecificityGrid, SummaryRow, SweepRow
 
-FORMAT_VERSION = 2  # of the PNG pictures drawn here (a class's and the summary's); 2: intervals drawn
+FORMAT_VERSION = 3  # of the PNG pictures drawn here (a class's and the summary's); 2: intervals drawn; 3: trade-off
 
 
 def ade_palette() -> np.ndarray:
@@ -221,6 +221,48 @@ def _error_bars(values: np.ndarray, cis: list[Interval | None]) -> np.ndarray:
     """matplotlib's yerr ([2, n]: below, above) of intervals around values; 0 where there is no interval."""
     low, high = _bounds(cis)
     return np.nan_to_num(np.clip(np.stack([values - low, high - values]), 0, None))
+
+
+def tradeoff_png(rows: list[SweepRow], marked: dict[str, SweepRow], config, title: str) -> bytes:
+    """Every validation setting of `rows` as a point, other change rate (x) against target change rate (y), with its
+    95% intervals; the region the rule's first two criteria allow shaded (target >= min_target_change and >=
+    other_factor x other; the controls decide within it); the settings of `marked` (name -> row: the configured and
+    the tuned one) drawn larger, with their controls' target change at the same other change rate."""
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    x = np.linspace(0, 1, 201)
+    floor = np.maximum(config.min_target_change, config.other_factor * x)
+    ax.fill_between(x, floor, 1.02, where=floor <= 1.02, color="tab:green", alpha=0.12, linewidth=0,
+                    label=f"target >= {config.min_target_change:g} and >= {config.other_factor:g} x other")
+    for mode, marker in zip(dict.fromkeys(r.setting.mode for r in rows), ("o", "s")):
+        sub = [r for r in rows if r.setting.mode == mode]
+        other = np.array([r.other_change_rate for r in sub], dtype=float)
+        target = np.array([r.target_change_rate for r in sub], dtype=float)
+        ax.errorbar(other, target, xerr=_error_bars(other, [r.other_change_rate_ci for r in sub]),
+                    yerr=_error_bars(target, [r.target_change_rate_ci for r in sub]), fmt=marker, color="grey",
+                    markersize=4, alpha=0.6, elinewidth=0.6,
+                    label=f"{sub[0].setting.rule} ranking, every N and scale, {mode.replace('_', ' ')}")
+    styles = {"configured": ("tab:red", "*", 16), "tuned": ("tab:blue", "D", 9)}
+    for name, row in marked.items():
+        colour, marker, size = styles.get(name, ("black", "P", 10))
+        other, target = np.array([row.other_change_rate]), np.array([row.target_change_rate])
+        ax.errorbar(other, target, xerr=_error_bars(other, [row.other_change_rate_ci]),
+                    yerr=_error_bars(target, [row.target_change_rate_ci]), fmt=marker, color=colour,
+                    markersize=size, markeredgecolor="black", zorder=4, label=f"{name} setting")
+        for control, control_marker in ((row.random_latents, "^"), (row.random_direction, "v")):
+            if control is not None:
+                ax.plot([control.other_change_rate], [control.target_change_rate], control_marker, color=colour,
+                        markersize=7, markerfacecolor="white", zorder=3)
+    ax.plot([], [], "^", color="black", markerfacecolor="white", label="its random-latent control")
+    ax.plot([], [], "v", color="black", markerfacecolor="white", label="its random-direction control")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("other change rate (share of the other patches changed)", fontsize=10)
+    ax.set_ylabel("target change rate (share of the class's patches changed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    ax.set_title(f"{title}\n(bars: 95% intervals over images)", fontsize=11)
+    fig.tight_layout()
+    return figure_png(fig)
 
 
 def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:

@@ -44,9 +44,9 @@ def dose_rows(reports: list[ClassReport]) -> list[DoseRow]:
 
 
 def class_counts(rows: list[SweepRow]) -> ClassCounts:
-    """How many classes, how many class-specific, and their mean change rates."""
-    return ClassCounts(len(rows), sum(bool(r.specific) for r in rows), mean(r.target_change_rate for r in rows),
-                       mean(r.other_change_rate for r in rows))
+    """How many classes, how many class-specific (with its interval), and their mean change rates."""
+    return ClassCounts(len(rows), sum(bool(r.specific) for r in rows), count_interval(rows),
+                       mean(r.target_change_rate for r in rows), mean(r.other_change_rate for r in rows))
 
 
 def setting_counts(dose: list[DoseRow]) -> list[SettingCount]:
@@ -69,22 +69,19 @@ def upper_bound(reports: list[ClassReport]) -> int:
     return sum(any(bool(row.specific) for row in measured(r)) for r in evaluated(reports))
 
 
-def count_interval(reports: list[ClassReport], measured) -> Interval:
-    """95% interval of the number of class-specific classes over the study's shared resamples of the validation
-    images: each class's verdicts per resample (`Measured.specific_resamples`) added up, a class without the setting
-    (`measured(report)` None) counting as not specific. A report made on other resamples is refused, naming it."""
-    chosen = [(r.class_key, measured(r)) for r in evaluated(reports)]
-    lengths = {len(m.specific_resamples) for _, m in chosen if m is not None}
-    if not chosen or not lengths:
+def count_interval(rows: list[SweepRow]) -> Interval:
+    """95% interval of the number of class-specific rows (one per class) over the study's shared resamples of the
+    validation images: each row's verdicts per resample (`SweepRow.specific_resamples`) added up. Rows made on other
+    resamples are refused."""
+    lengths = {len(r.specific_resamples) for r in rows}
+    if not lengths:
         return Interval(float("nan"), float("nan"))
     if len(lengths) > 1 or 0 in lengths:
-        keys = [k for k, m in chosen if m is not None and len(m.specific_resamples) != max(lengths)]
-        raise ValueError(f"class reports {keys} hold verdicts on {sorted(lengths)} resamples, not one shared set: "
+        raise ValueError(f"class reports hold verdicts on {sorted(lengths)} resamples, not one shared set: "
                          "re-materialize suppression_report for every class")
     total_R = np.zeros(lengths.pop())
-    for _, m in chosen:
-        if m is not None:
-            total_R += np.frombuffer(m.specific_resamples.encode(), np.uint8) == ord("1")
+    for r in rows:
+        total_R += np.frombuffer(r.specific_resamples.encode(), np.uint8) == ord("1")
     # Whole classes: the resampled counts' own values at the 2.5th and 97.5th percentiles, never between two.
     return Interval(float(np.percentile(total_R, 2.5, method="lower")),
                     float(np.percentile(total_R, 97.5, method="higher")))
@@ -128,9 +125,9 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
     _, oracle_words = oracle(counts)
     figures = SummaryFigures(
         n_classes_evaluated=len(rows), n_specific=sum(row.configured.specific for row in rows),
-        n_specific_ci=count_interval(reports, lambda r: r.configured),
+        n_specific_ci=count_interval([row.configured.patch for row in rows]),
         n_specific_tuned=sum(t.specific for t in tuned),
-        n_specific_tuned_ci=count_interval(reports, lambda r: r.tuned), n_tuned=len(tuned),
+        n_specific_tuned_ci=count_interval([t.patch for t in tuned]), n_tuned=len(tuned),
         tuned=common[0][0] if common else None, n_classes_at_common_tuned_setting=common[0][1] if common else 0,
         n_absent_from_validation=sum(r.status == "absent_from_validation" for r in reports),
         n_without_latents=sum(r.status == "no_latents" for r in reports),

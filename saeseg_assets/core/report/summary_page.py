@@ -20,14 +20,15 @@ from .tables import record_markdown
 from .text import CLASS_TABLE_NOTE, SWEEP_MARK, report_markdown
 
 # 2: what it is made from, each class's table before its pictures; 3: the sweep and the gallery folded.
-FORMAT_VERSION = 3  # of report.html
+FORMAT_VERSION = 4  # of report.html (4: the trade-off picture)
 
 REPORT_HTML = "report.html"
 # Picture names of the summary and of a class, with their headings in the page.
 SUMMARY_PICTURES = {"specificity": "Class-specific or not, by setting", "class_examples": "One example per class",
                     "change_rates": "Change rates per class", "specific_per_setting": "Class-specific classes per "
                     "validation setting (chosen on the images counted: optimistic)"}
-CLASS_PICTURES = {"examples": "Examples", "dose_response": "Dose-response", "latent_count": "Number of latents",
+CLASS_PICTURES = {"examples": "Examples", "tradeoff": "Target against other change, every validation setting",
+                  "dose_response": "Dose-response", "latent_count": "Number of latents",
                   "gallery": "Top training patches of its latents"}
 FOLDED_PICTURES = {"gallery"}  # a class's pictures shown on a click, with its validation sweep
 PHOTOS = {"class_examples", "examples", "gallery"}  # inlined as JPEG: a fraction of the size, as sharp to the eye

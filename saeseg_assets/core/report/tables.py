@@ -51,6 +51,13 @@ def rate_text(value: float, ci=None) -> str:
     return number(value) + (f" [{number(ci.low)}, {number(ci.high)}]" if defined else "")
 
 
+def count_text(count: int, ci=None) -> str:
+    """A count of classes with its 95% interval over resampled images: "5 [3, 6]"."""
+    if ci is None or not (math.isfinite(ci.low) and math.isfinite(ci.high)):
+        return str(count)
+    return f"{count} [{ci.low:.0f}, {ci.high:.0f}]"
+
+
 def markdown_table(rows: Iterable[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None,
                    max_rows: int | None = None) -> str:
     """`rows` (dicts, or a DataFrame) as a markdown table of `columns` (default: all, in order) under `headers`
@@ -104,7 +111,10 @@ def record_markdown(rows: Iterable, kind: type, view: str | None = None) -> str:
         for n in with_ci + rates:
             bounds = (SimpleNamespace(low=_number(row[f"{n}_ci_low"]), high=_number(row[f"{n}_ci_high"]))
                       if n in with_ci else None)
-            row[n] = rate_text(row[n], bounds) if isinstance(row[n], float) and math.isfinite(row[n]) else row[n]
+            if isinstance(row[n], float) and math.isfinite(row[n]):
+                row[n] = rate_text(row[n], bounds)
+            elif isinstance(row[n], int) and not isinstance(row[n], bool) and bounds is not None:
+                row[n] = count_text(row[n], bounds)
     merged = {f"{n}_ci_{end}" for n in with_ci for end in ("low", "high")}
     shown = {n: h for n, h in names.items() if n not in merged}
     return markdown_table(flats, list(shown), list(shown.values()))

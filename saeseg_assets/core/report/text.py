@@ -16,7 +16,7 @@ from .results import (
     SweepRow,
 )
 from ..study.measures import unmet_criterion
-from .tables import markdown_table, rate_text
+from .tables import count_text, markdown_table, rate_text
 
 SWEEP_MARK = "Validation sweep of the "  # where a class's account turns from its settings to the long sweep
 CLASS_TABLE_NOTES = {  # what the columns of each view of the classes table mean
@@ -146,19 +146,13 @@ def tuned_words(measured: Measured | None) -> str:
     return describe_setting(measured.setting) if measured is not None else NOT_TUNED
 
 
-def count_text(count: int, ci) -> str:
-    """A count of classes with its 95% interval over resampled images: "5 [3, 7]"."""
-    if ci is None or not (math.isfinite(ci.low) and math.isfinite(ci.high)):
-        return str(count)
-    return f"{count} [{ci.low:.0f}, {ci.high:.0f}]"
-
-
 def summary_sentence(figures: SummaryFigures) -> str:
     """The summary in words, the counts first (with 95% intervals over resampled validation images)."""
     n, t = figures.n_classes_evaluated, figures.tuned
     tuned_text = (f"at settings tuned per class on held-out training images (most often {t.scale:g} x max, {t.mode}, "
-                  f"{t.n_latents} latents by {t.rule}) {count_text(figures.n_specific_tuned, figures.n_specific_tuned_ci)}"
-                  f" of {n}" if t is not None else "no class could be tuned")
+                  f"{t.n_latents} latents by {t.rule}) "
+                  f"{count_text(figures.n_specific_tuned, figures.n_specific_tuned_ci)} of {n}" if t is not None
+                  else "no class could be tuned")
     return (f"At the original setting ({figures.configured_setting}) "
             f"{count_text(figures.n_specific, figures.n_specific_ci)} of {n} present classes are "
             f"class-specific (95% intervals over resampled validation images in brackets); {tuned_text}. Mean change rates at the original setting: target "

@@ -58,10 +58,10 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
         measured, per_rule = None, {}
         if tuned.chosen is not None:
             measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB, shared_RB)
-            per_rule = {rule: sweep_row(patches, row.setting, _top(rankings, row.setting), config, True)
-                        for rule, row in tuned.per_rule.items()}
+            per_rule = {rule: sweep_row(patches, row.setting, _top(rankings, row.setting), config, True, weights_RB,
+                                        shared_RB) for rule, row in tuned.per_rule.items()}
         dose = dose_response(patches, rankings.get(selection.rule) or selection.latents, selection.rule,
-                             len(selection.latents), config, weights_RB)
+                             len(selection.latents), config, weights_RB, shared_RB)
     return replace(report, configured=configured, tuning=tuned, tuned=measured, tuned_per_rule=per_rule,
                    dose_response=dose)
 
@@ -92,37 +92,39 @@ def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: Supp
 
 
 def sweep_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], config: SuppressionSettings,
-              with_controls: bool, weights_RB: np.ndarray | None = None) -> SweepRow:
-    """Patch-level figures of one setting; with controls, the verdict too; with `weights_RB`, intervals."""
+              with_controls: bool, weights_RB: np.ndarray | None = None,
+              shared_RB: np.ndarray | None = None) -> SweepRow:
+    """Patch-level figures of one setting; with controls, the verdict too; with `weights_RB`, intervals; with
+    `shared_RB` (and controls), the verdict on each shared resample."""
     effect, changed = patches.edit(latents, setting.mode, setting.scale)
-    return patch_figures(patches, setting, latents, effect, changed, config, with_controls, weights_RB)
+    return patch_figures(patches, setting, latents, effect, changed, config, with_controls, weights_RB,
+                         shared_RB=shared_RB)
 
 
 def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEffect,
                   changed: Changed, config: SuppressionSettings, with_controls: bool,
-                  weights_RB: np.ndarray | None = None, per_seed: tuple[list[Changed], list[Changed]] | None = None
-                  ) -> SweepRow:
-    """The change rates and target accuracy of an edit; with controls (`per_seed`: their changes, made here if not
-    given), each control over its seeds and the verdict (against the largest single draw); with `weights_RB`, 95%
-    bootstrap intervals over images."""
+                  weights_RB: np.ndarray | None = None, shared_RB: np.ndarray | None = None) -> SweepRow:
+    """The change rates and target accuracy of an edit; with controls, each control over its seeds and the verdict
+    (against the largest single draw), and with `shared_RB` the verdict on each of those resamples of the images;
+    with `weights_RB`, 95% bootstrap intervals over images."""
     target, other = patches.target_rate(changed), patches.other_rate(changed)
     random_latents = random_direction = specific = target_ci = other_ci = None
+    resampled = ""
     if with_controls:
-        per_seed = per_seed or controls_changed(patches, effect, latents, setting, config)
+        per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
         random_latents, random_direction = (control(patches, seeds, weights_RB) for seeds in per_seed)
         specific = is_class_specific(target, other, [random_latents.target_change_max,
                                                      random_direction.target_change_max], config)
+        if shared_RB is not None:
+            verdicts_R = specific_per_resample(shared_RB, patches.target_B, changed.target_B, patches.other_B,
+                                               changed.other_B, [[c.target_B for c in seeds] for seeds in per_seed],
+                                               config)
+            resampled = "".join("01"[int(v)] for v in verdicts_R)
     if weights_RB is not None:
         target_ci = ratio_interval(weights_RB, changed.target_B, patches.target_B)
         other_ci = ratio_interval(weights_RB, changed.other_B, patches.other_B)
     return SweepRow(setting, effect.n_tokens, target, other, patches.target_accuracy(changed),
-                    random_latents, random_direction, specific, target_ci, other_ci)
-
-
-def controls_changed(patches: ClassPatches, effect: LatentEffect, latents: tuple[int, ...], setting: Setting,
-                     config: SuppressionSettings) -> tuple[list[Changed], list[Changed]]:
-    """What each control draw changes: (random latents per seed, random direction per seed)."""
-    return patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
+                    random_latents, random_direction, specific, target_ci, other_ci, resampled)
 
 
 def control(patches: ClassPatches, per_seed: list[Changed], weights_RB: np.ndarray | None = None) -> Control:
@@ -195,10 +197,7 @@ def measure(patches: ClassPatches, latents: tuple[int, ...], setting: Setting, c
     IoU and accuracy (with the interval of the target IoU change)."""
     model, class_index = patches.model, patches.class_index
     effect, changed = patches.edit(latents, setting.mode, setting.scale)
-    per_seed = controls_changed(patches, effect, latents, setting, config)
-    patch = patch_figures(patches, setting, latents, effect, changed, config, True, weights_RB, per_seed)
-    resampled = specific_per_resample(shared_RB, patches.target_B, changed.target_B, patches.other_B,
-                                      changed.other_B, [[c.target_B for c in seeds] for seeds in per_seed], config)
+    patch = patch_figures(patches, setting, latents, effect, changed, config, True, weights_RB, shared_RB)
     before = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
     after_counts = ImageCounts(class_index, model.pixel_labels_BHW, model.codes.pixel_pred_BHW)
     shift = effect.shift(setting.scale, setting.mode)
@@ -208,14 +207,15 @@ def measure(patches: ClassPatches, latents: tuple[int, ...], setting: Setting, c
     return Measured(patch, tuple(latents), tuple(float(v) for v in effect.values(setting.scale)),
                     tpp_score(model.patch.labels_N, model.patch.pred_N, patches.predictions(changed), class_index),
                     pixels, most_moved(model.pixel_before, after, class_index),
-                    tuple(r for r, _ in patches.draws(latents, config)), "".join("01"[int(v)] for v in resampled))
+                    tuple(r for r, _ in patches.draws(latents, config)))
 
 
 def dose_response(patches: ClassPatches, ranking: tuple[int, ...], rule: str, configured_n: int,
-                  config: SuppressionSettings, weights_RB: np.ndarray) -> tuple[SweepRow, ...]:
+                  config: SuppressionSettings, weights_RB: np.ndarray,
+                  shared_RB: np.ndarray) -> tuple[SweepRow, ...]:
     """Validation, patch level: every N of the sweep x mode x scale for the configured rule's ranking, with 95%
-    intervals over images; the rows of the configured N carry their controls and verdict (these give the optimistic
-    `n_specific_oracle`)."""
+    intervals over images; the rows of the configured N carry their controls and verdict, on each shared resample
+    too (these give the counts per setting and the optimistic `n_specific_oracle`)."""
     return tuple(sweep_row(patches, setting, tuple(ranking[:setting.n_latents]), config,
-                           setting.n_latents == configured_n, weights_RB)
+                           setting.n_latents == configured_n, weights_RB, shared_RB)
                  for setting in candidate_settings({rule: ranking}, (rule,), config))

@@ -163,9 +163,10 @@ def test_tuning_reads_only_the_tuning_images(tmp_path):
     rankings = {rule: (0, 4) for rule in ("f1", "activation_sum", "probe_aware")}
     tuned = tune(tuning, 10, rankings, config)
     assert tuned.status == "tuned" and tuned.n_images == tuning.n_images == 3
-    assert {row.setting.rule for row in tuned.sweep} == set(rankings) and len(tuned.per_rule) == 3
+    rules = {*rankings, "effect"}
+    assert {row.setting.rule for row in tuned.sweep} == rules and len(tuned.per_rule) == 4
     assert tuned.chosen in tuned.per_rule.values() and tuned.chosen.random_latents is not None
-    settings = []
+    settings, effects = [], []
     for name, relabel in (("validation", None), ("other", (21, 3))):
         _, _, _, validation = tiny_world(tmp_path / name)
         if relabel:  # another validation set: class 21's patches now labelled 3
@@ -173,5 +174,25 @@ def test_tuning_reads_only_the_tuning_images(tmp_path):
             labels[labels == relabel[0]] = relabel[1]
         report = study_class(validation, tuning, 10, Selection("f1", (0,)), rankings, config)
         settings.append(report.tuning.setting)
-        assert report.tuned.setting == report.tuning.setting and set(report.tuned_per_rule) == set(rankings)
+        effects.append(report.tuning.effect)
+        assert report.tuned.setting == report.tuning.setting and set(report.tuned_per_rule) == rules
     assert settings[0] == settings[1] == tuned.setting
+    # The effect rule's ranking too: made on the tuning images, the same whatever the validation set.
+    assert effects[0] == effects[1] == tuned.effect and tuned.effect.latents[0] == 0
+
+
+def test_the_effect_rule_adds_latents_while_they_help_on_the_tuning_images(tmp_path):
+    from saeseg_assets.core.study.effect import candidate_pool, effect_ranking, effect_score
+    from saeseg_assets.core.study.patches import ClassPatches
+
+    _, _, _, tuning = tiny_world(tmp_path)
+    config = SuppressionSettings(control_seeds=2)
+    # Taken in turn from the rankings, each latent once.
+    assert candidate_pool({"a": (1, 2, 0), "b": (1, 3), "c": (4,)}, 4) == [1, 4, 2, 3]
+    grass = ClassPatches(tuning, 10)
+    # Latent 0 carries grass: suppressed, all 4 grass patches change and none of the 8 others (1 - 0). Latent 1 carries
+    # class 3: suppressed, 2 of the 8 other patches change (0 - 0.25). Latent 3 never fires: nothing changes.
+    assert [effect_score(grass, (i,), config) for i in (0, 1, 3)] == [1.0, -0.25, 0.0]
+    choice = effect_ranking(grass, {"f1": (1, 2, 0, 3)}, config)
+    # Latent 0 first; adding latent 3 (the next best alone) raises nothing: the set stops at one latent.
+    assert (choice.latents, choice.n_chosen, choice.gains, choice.pool) == ((0, 3, 1, 2), 1, (1.0,), 4)

@@ -147,13 +147,15 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     from ..core.report.summary_page import REPORT_HTML, SUMMARY_PICTURES, summary_html
     from ..core.report.tables import record_csv
     from ..core.report.text import criteria_words
-    from ..core.settings import RULES
+    from ..core.settings import TUNING_RULES
     from ..core.store.artifacts import write_atomic
     from ..core.study.examples import EXAMPLES_FILE, load_examples
 
     rows, dose = summary_rows(reports), dose_rows(reports)
     counts = setting_counts(dose)
-    summary = study_summary(reports, rows, counts, RULES, n_stale)
+    # The rules the reports were tuned with, in the settings' order.
+    rules = tuple(rule for rule in TUNING_RULES if any(rule in r.config.tuning_rules for r in reports))
+    summary = study_summary(reports, rows, counts, rules, n_stale)
     label = summary.figures.configured_setting
     write_atomic(folder / "summary.csv", record_csv(rows, SummaryRow))
     write_atomic(folder / "dose_response.csv", record_csv(dose, DoseRow))
@@ -164,7 +166,7 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     pictures = {"change_rates": change_rates_png(rows, f"change rates per class ({label})"),
                 "specific_per_setting": specific_counts_png(counts, len(rows), "class-specific classes per validation "
                                                             "setting (optimistic)"),
-                "specificity": specificity_heatmap_png(specificity_grid(reports, RULES),
+                "specificity": specificity_heatmap_png(specificity_grid(reports, rules),
                                                        criteria_words(evaluated(reports)[0].config) if rows else "")}
     # One row per evaluated class: its first example (the image with the most class pixels), original setting.
     examples = []

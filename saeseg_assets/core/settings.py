@@ -16,7 +16,9 @@ DENSE_FREQUENCY = 1e-2
 MAX_DEAD_TOKENS = 10_000_000
 TRAINED_ARCHITECTURES = ("topk", "relu", "batchtopk")  # imports may also bring jumprelu (sae.model.ARCHITECTURES)
 TARGETS = ("soft", "majority")
-RULES = ("f1", "activation_sum", "probe_aware")
+RULES = ("f1", "activation_sum", "probe_aware")  # rank latents from the latent statistics (class_latents)
+# The tuning's rules: those, and `effect`, which ranks by measured suppression on the tuning images (study.effect).
+TUNING_RULES = (*RULES, "effect")
 MODES = ("every_token", "where_active")
 
 
@@ -177,7 +179,15 @@ class SuppressionSettings(StageSettings):
     dose_modes: tuple[str, ...] = Field(MODES, description="Modes of the dose-response sweep.")
     n_latents: tuple[int, ...] = Field((1, 2, 3, 5, 10, 20, 50), description="Numbers of latents of the sweep: the "
                                        "top N of a rule's ranking are suppressed together.")
-    tuning_rules: tuple[str, ...] = Field(RULES, description="Ranking rules the tuning may choose among.")
+    tuning_rules: tuple[str, ...] = Field(TUNING_RULES, description="Ranking rules the tuning may choose among; "
+                                          "'effect' chooses latents by what suppressing them does on the tuning "
+                                          "images, its number of latents fixed where adding one stops helping.")
+    effect_pool: int = Field(30, description="The effect rule scores this many candidates alone, taken in turn "
+                             "from the other rules' rankings.")
+    effect_greedy: int = Field(8, description="The effect rule builds its set from this many best-scoring "
+                               "candidates, and stops at this many latents.")
+    effect_margin: float = Field(0.02, description="The effect rule adds a latent only if it raises the set's best "
+                                 "target minus other change rate on the tuning images by at least this.")
     max_other_change: float = Field(0.05, description="Tuning prefers settings whose change rate on the other "
                                     "patches of the held-out training images is at most this.")
     tuning_candidates: int = Field(8, description="Settings per class, best by target minus other change rate on "
@@ -198,8 +208,10 @@ class SuppressionSettings(StageSettings):
         for mode in (self.mode, *self.dose_modes):
             if mode not in MODES:
                 raise ValueError(f"suppression mode {mode!r}: expected one of {MODES}")
-        if not self.n_latents or min(self.n_latents) < 1 or set(self.tuning_rules) - set(RULES):
-            raise ValueError(f"n_latents {list(self.n_latents)} must be >= 1 and tuning_rules within {RULES}")
+        if not self.n_latents or min(self.n_latents) < 1 or set(self.tuning_rules) - set(TUNING_RULES):
+            raise ValueError(f"n_latents {list(self.n_latents)} must be >= 1 and tuning_rules within {TUNING_RULES}")
+        if self.effect_pool < 1 or self.effect_greedy < 1:
+            raise ValueError("effect_pool and effect_greedy must be at least 1")
         if self.bootstrap_resamples < 1000 or self.tuning_candidates < 1:
             raise ValueError("bootstrap_resamples must be at least 1000 and tuning_candidates at least 1")
         if self.control_seeds < 1:

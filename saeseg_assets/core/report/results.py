@@ -15,7 +15,7 @@ from .records import INLINE, column, dumps, loads
 # NaN), the version under "format_version" in every file.
 # 4: intervals in the classes table, the oracle an upper bound of every count; 5: intervals on every validation
 # sweep row, the verdict per shared resample, intervals on the summary's counts.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6  # 6: the effect rule's choice in the tuning, the tuning's overfit gap in the summary
 NOT_TUNED = "not tuned"  # the tuned setting in words, for a class without one
 R = TypeVar("R")
 
@@ -121,6 +121,16 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class EffectChoice:
+    """The effect rule's ranking of one class, made on the held-out training images alone (study.effect)."""
+
+    latents: tuple[int, ...]  # the greedy set in the order added, then the other candidates by their own effect
+    n_chosen: int  # the greedy set's size: where one more latent stopped raising target minus other change enough
+    gains: tuple[float, ...]  # the set's best target minus other change rate after each latent was added
+    pool: int  # candidates scored alone: the other rules' top latents, taken in turn
+
+
+@dataclass(frozen=True)
 class Tuning:
     """How the setting of a class was tuned on held-out training images, never validation: every candidate's change
     rates, the best candidates per rule with their controls, and the preferred one."""
@@ -132,6 +142,7 @@ class Tuning:
     chosen: SweepRow | None = None  # the preferred candidate (its figures on the tuning images)
     per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's preferred candidate
     sweep: tuple[SweepRow, ...] = ()  # every candidate, without controls
+    effect: EffectChoice | None = None  # the effect rule's ranking, where the tuning used that rule
 
     @property
     def setting(self) -> Setting | None:
@@ -264,6 +275,10 @@ class RuleRow:
 
     rule: str = field(metadata=column("rule"))
     counts: ClassCounts = field(metadata=INLINE)
+    # The overfit of the tuning: the mean over classes of the target (other) change rate of the rule's tuned setting
+    # on the tuning images minus that on validation.
+    mean_target_gap: float = field(metadata=column("target gap"))
+    mean_other_gap: float = field(metadata=column("other gap"))
     most_common_setting: str = field(metadata=column("most common tuned setting"))  # in words, or "none"
 
 
@@ -289,6 +304,10 @@ class SummaryFigures:
     mean_random_direction_target_change_rate: float
     mean_tuned_target_change_rate: float
     mean_tuned_other_change_rate: float
+    # The tuning's overfit: the tuned setting's mean target (other) change rate on the tuning images minus on
+    # validation, over the tuned classes.
+    mean_tuned_target_gap: float
+    mean_tuned_other_gap: float
     mean_target_iou_before: float
     mean_target_iou_after: float
     # An upper bound of every count above: classes class-specific at one or more of the settings measured with

@@ -104,11 +104,19 @@ def rule_rows(reports: list[ClassReport], rules: tuple[str, ...]) -> list[RuleRo
     """Per ranking rule, each class at that rule's own tuned setting, measured on validation (patch level)."""
     out = []
     for rule in rules:
-        results = [r.tuned_per_rule[rule] for r in evaluated(reports)
-                   if r.tuned is not None and rule in r.tuned_per_rule]
+        tuned = [r for r in evaluated(reports) if r.tuned is not None and rule in r.tuned_per_rule]
+        results = [r.tuned_per_rule[rule] for r in tuned]
+        on_tuning = [r.tuning.per_rule[rule] for r in tuned]
         settings = Counter(describe_setting(x.setting) for x in results)
-        out.append(RuleRow(rule, class_counts(results), settings.most_common(1)[0][0] if settings else "none"))
+        out.append(RuleRow(rule, class_counts(results), *overfit(on_tuning, results),
+                           settings.most_common(1)[0][0] if settings else "none"))
     return out
+
+
+def overfit(on_tuning: list[SweepRow], on_validation: list[SweepRow]) -> tuple[float, float]:
+    """The mean target and other change rate of the same settings on the tuning images minus on validation."""
+    return (mean(t.target_change_rate - v.target_change_rate for t, v in zip(on_tuning, on_validation)),
+            mean(t.other_change_rate - v.other_change_rate for t, v in zip(on_tuning, on_validation)))
 
 
 def configured_words(reports: list[ClassReport]) -> str:
@@ -121,6 +129,7 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
     """The summary's figures (counts at the configured and tuned settings, the most common tuned setting, means of
     TPP scores, change rates and IoU, the oracle diagnostic), its sentence and its tables per rule and setting."""
     tuned = [row.tuned for row in rows if row.tuned is not None]
+    gap = overfit([r.tuning.chosen for r in evaluated(reports) if r.tuned is not None], [t.patch for t in tuned])
     common = Counter(t.setting for t in tuned).most_common(1)
     _, oracle_words = oracle(counts)
     figures = SummaryFigures(
@@ -141,6 +150,7 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
                                                       for row in rows),
         mean_tuned_target_change_rate=mean(t.patch.target_change_rate for t in tuned),
         mean_tuned_other_change_rate=mean(t.patch.other_change_rate for t in tuned),
+        mean_tuned_target_gap=gap[0], mean_tuned_other_gap=gap[1],
         mean_target_iou_before=mean(row.configured.pixels.target_iou_before for row in rows),
         mean_target_iou_after=mean(row.configured.pixels.target_iou_after for row in rows),
         n_specific_oracle=upper_bound(reports), oracle_setting=oracle_words,

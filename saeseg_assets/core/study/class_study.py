@@ -11,8 +11,9 @@ import numpy as np
 
 from ..probe.metrics import ConfusionMatrix
 from ..report.results import ClassReport, Control, Measured, Selection, Setting, SweepRow, Tuning
-from ..settings import SuppressionSettings
+from ..settings import RULES, SuppressionSettings
 from .edit import LatentEffect
+from .effect import effect_ranking
 from .logit_shift import ImageCounts
 from .measures import (
     bootstrap_weights,
@@ -56,6 +57,8 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
         tuned = (tune(tuning, class_index, rankings, config) if tuning is not None else
                  Tuning("no_tuning_images", "no held-out training images were given"))
         measured, per_rule = None, {}
+        if tuned.effect is not None:
+            rankings = {**rankings, "effect": tuned.effect.latents}
         if tuned.chosen is not None:
             measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB, shared_RB)
             per_rule = {rule: sweep_row(patches, row.setting, _top(rankings, row.setting), config, True, weights_RB,
@@ -81,12 +84,15 @@ def _top(rankings: dict[str, tuple[int, ...]], setting: Setting) -> tuple[int, .
 # Patch level: one setting with its controls
 
 
-def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: SuppressionSettings) -> list[Setting]:
-    """Every (rule, N, mode, scale) of the sweep; N beyond a ranking's length is the whole ranking, counted once."""
+def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: SuppressionSettings,
+                       fixed_n: dict[str, int] | None = None) -> list[Setting]:
+    """Every (rule, N, mode, scale) of the sweep; N beyond a ranking's length is the whole ranking, counted once; a
+    rule of `fixed_n` (the effect rule) only at its own N."""
     out = []
     for rule in rules:
         ranking = rankings.get(rule) or ()
-        for n in sorted({min(n, len(ranking)) for n in config.n_latents} - {0}):
+        numbers = (fixed_n[rule],) if rule in (fixed_n or {}) else config.n_latents
+        for n in sorted({min(n, len(ranking)) for n in numbers} - {0}):
             out += [Setting(rule, n, mode, scale) for mode, scale in config.dose_grid()]
     return out
 
@@ -168,8 +174,12 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
         if patches.n_target == 0:
             return Tuning("absent_from_tuning_images",
                           "no held-out training patch has this class as its majority label")
+        effect = fixed_n = None
+        if "effect" in config.tuning_rules:
+            effect = effect_ranking(patches, {r: rankings[r] for r in RULES if rankings.get(r)}, config)
+            rankings, fixed_n = {**rankings, "effect": effect.latents}, {"effect": effect.n_chosen}
         rows = [sweep_row(patches, setting, _top(rankings, setting), config, False)
-                for setting in candidate_settings(rankings, config.tuning_rules, config)]
+                for setting in candidate_settings(rankings, config.tuning_rules, config, fixed_n)]
         best, per_rule = None, {}
         for rule in config.tuning_rules:
             mine = [r for r in rows if r.setting.rule == rule]
@@ -183,7 +193,7 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
                     best = per_rule[rule]
     if best is None:
         return Tuning("no_candidates", "no ranking holds a latent for this class")
-    return Tuning("tuned", "", model.n_images, patches.n_target, best, per_rule, tuple(rows))
+    return Tuning("tuned", "", model.n_images, patches.n_target, best, per_rule, tuple(rows), effect)
 
 
 # ---------------------------------------------------------------------------------------------------------------

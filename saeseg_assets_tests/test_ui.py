@@ -266,8 +266,9 @@ def test_the_answer_comes_first_absent_classes_are_marked_and_the_report_opens_o
     launch(servers, ["class_latents", "suppression_report"], "001_wall", "010_grass")
     launch(servers, ["suppression_summary"], CLASS)
     with servers.instance() as instance:
-        report_html = Path(latest(instance, "suppression_summary").asset_materialization.metadata["path"].value,
-                           "report.html")
+        # The folder as metadata shows it: relative to the servers' working directory, where the data folder lies.
+        report_html = servers.root / latest(instance, "suppression_summary").asset_materialization.metadata[
+            "path"].value / "report.html"
         headline = latest(instance, "suppression_summary").asset_materialization.metadata["result"].value
     screens = tmp_path / "screens"
     with sync_playwright() as playwright:

@@ -124,10 +124,6 @@ class Backbone:
         return LayerTokens(at_layer_BTD[:, :r].float().contiguous(), at_layer_BTD[:, r:].float().contiguous(),
                            self.final_norm(tokens_BTD)[:, r:].float().contiguous())
 
-    def patch_activations(self, pixels_BCHW: torch.Tensor, layer: int) -> torch.Tensor:
-        """The patch tokens at the output of block `layer`: the SAE's input."""
-        return self.layer_tokens(pixels_BCHW, layer).patch_BPD
-
 
 @dataclass(frozen=True)
 class LayerTokens:

@@ -7,7 +7,7 @@ import colorsys
 
 import numpy as np
 
-from .pictures import figure_png, plt
+from .pictures import figure_png, plt, rates_per_class_png
 from .results import SettingCount, SpecificityGrid, SummaryRow, SweepRow
 
 FORMAT_VERSION = 1  # of the PNG pictures drawn here (a class's and the summary's)
@@ -208,14 +208,7 @@ def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:
     ax.scatter(x, other, color="tab:blue", marker="s", label="other change", zorder=3)
     ax.scatter(x, random_latents, color="tab:orange", marker="^", label="random latents: target", zorder=2)
     ax.scatter(x, random_direction, color="tab:purple", marker="v", label="random direction: target", zorder=2)
-    ax.set_xticks(x, keys, rotation=60, ha="right", fontsize=9)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("share of patches changed", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title + "\n(filled circle: class-specific)", fontsize=11)
-    fig.tight_layout()
-    return figure_png(fig)
+    return rates_per_class_png(fig, ax, keys, title + "\n(filled circle: class-specific)")
 
 
 def specific_counts_png(counts: list[SettingCount], n_classes: int, title: str) -> bytes:

@@ -357,15 +357,20 @@ def test_both_mechanisms_side_by_side(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     with dg.instance_for_test() as instance:
         world = write_world(tmp_path, instance, vit=tmp_path / "vit")
-        assert world.materialize([class_latents, suppression_report, propagated_report], partition_key="010_grass",
-                                 run_config=RUN_CONFIG).success
+        studied = world.materialize([class_latents, suppression_report, propagated_report],
+                                    partition_key="010_grass", run_config=RUN_CONFIG)
+        assert studied.success
         assert world.materialize([suppression_summary]).success
         shortcut = read_result(world.folder("suppression_report", "010_grass") / "report.json", ClassReport)
         propagate = read_result(world.folder("propagated_report", "010_grass") / "report.json", ClassReport)
         summary = world.folder("suppression_summary")
+        words = {asset: asset_metadata(studied, asset, "010_grass")["mechanism"]
+                 for asset in ("suppression_report", "propagated_report")}
         val = ActivationCache(world.folder("val_activations") / CACHE_FOLDER)
         probe = load_probe(world.folder("final_probe_checkpoint"))
     assert (shortcut.config.mechanism, propagate.config.mechanism) == ("shortcut", "propagate")
+    assert "shortcut: the edit at the SAE's layer" in words["suppression_report"]
+    assert "propagate: the edit at the SAE's layer carried through" in words["propagated_report"]
     assert propagate.status == "evaluated" and propagate.selection == shortcut.selection
     assert propagate.dose_response == () and shortcut.dose_response  # no validation sweep under propagate
     configured = propagate.configured.patch

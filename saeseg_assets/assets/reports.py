@@ -187,6 +187,7 @@ def _write_pictures(work, report, model, cache, load_rgb, settings: SuppressionS
 def _report_metadata(report, folder) -> dict:
     """The class's sentence first, its pictures and account, then every figure of its summary row (or, for a class not
     evaluated, its configured setting)."""
+    from ..core.report.mechanisms import mechanism_note
     from ..core.report.pictures import png_markdown
     from ..core.report.records import flat
     from ..core.report.study_pictures import example_rows, legend_classes
@@ -200,6 +201,7 @@ def _report_metadata(report, folder) -> dict:
     metadata = {"result": dg.MetadataValue.text(class_sentence(report))}
     if settings.strip():
         metadata["summary"] = dg.MetadataValue.md(settings.strip())
+    metadata["mechanism"] = dg.MetadataValue.text(mechanism_note(report.config.mechanism))
     metadata.update({"status": report.status, "specific": report.specific,
                      "specificity_rule": dg.MetadataValue.text(report.specificity_rule)})
     if report.evaluated:

@@ -39,7 +39,7 @@ def main() -> None:
 
     batches = [np.stack([load_sample(s, 224)[0] for s in samples[i:i + args.chunk]])
                for i in range(0, len(samples), args.chunk)]
-    backbone.patch_activations(backbone.preprocess(batches[0][:2]), settings.layer)  # warm-up
+    backbone.layer_tokens(backbone.preprocess(batches[0][:2]), settings.layer)  # warm-up
 
     def sync() -> None:
         if args.device == "cuda":
@@ -49,7 +49,7 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         for images in batches:
-            backbone.patch_activations(backbone.preprocess(images), settings.layer).cpu()
+            backbone.layer_tokens(backbone.preprocess(images), settings.layer).patch_BPD.cpu()
         sync()
         return time.perf_counter() - t0
 

@@ -19,8 +19,10 @@ def answer(instance: dg.DagsterInstance, data_dir: Path, demo: bool) -> str:
     if event is None or event.asset_materialization is None:
         return "No suppression_summary in this Dagster instance yet: materialize it (make demo runs everything)."
     metadata = event.asset_materialization.metadata
-    lines = [str(metadata["result"].value), "", f"The whole study, with its intervals and pictures: "
-             f"{(Path(str(metadata['path'].value)) / REPORT_HTML).resolve()}", f"(the latest report is always at {data_dir / LATEST_REPORT})"]
+    report = (Path(str(metadata["path"].value)) / REPORT_HTML).resolve()
+    lines = [str(metadata["result"].value), *([str(metadata["mechanisms"].value)] if "mechanisms" in metadata else []),
+             "", f"The whole study, with its intervals and pictures: {report}",
+             f"(the latest report is always at {data_dir / LATEST_REPORT})"]
     if demo:
         lines.append("The data are the embedded default: real photographs in ADE20K's format, not ADE20K "
                      "(README, \"The real experiment\").")

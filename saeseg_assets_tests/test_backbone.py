@@ -87,10 +87,11 @@ def test_preprocess_normalizes_with_the_backbone_mean_and_std(embedded: Backbone
         embedded.preprocess(np.zeros((1, 28, 28, 3), dtype=np.float32))
 
 
-def test_patch_activations_are_the_blocks_hidden_states_without_cls(embedded: Backbone) -> None:
+def test_layer_tokens_are_the_blocks_hidden_states_and_the_final_tokens_its_own_output(embedded: Backbone) -> None:
     pixels_BCHW = embedded.preprocess(_photos(224))
     with torch.no_grad():
-        hidden_states = embedded.model(pixel_values=pixels_BCHW, output_hidden_states=True).hidden_states
+        output = embedded.model(pixel_values=pixels_BCHW, output_hidden_states=True)
+    hidden_states = output.hidden_states
     assert len(hidden_states) == 1 + 12  # embeddings, then one per block
 
     calls: list[int] = []
@@ -99,15 +100,19 @@ def test_patch_activations_are_the_blocks_hidden_states_without_cls(embedded: Ba
         for i, block in enumerate(embedded.model.encoder.layer)
     ]
     try:
-        embedded.patch_activations(pixels_BCHW, layer=-2)
+        embedded.layer_tokens(pixels_BCHW, layer=-2)
     finally:
         for hook in hooks:
             hook.remove()
-    assert calls == list(range(11))  # block 11 is never computed
+    assert calls == list(range(12))  # one pass: every block once, the layer's tokens taken on the way
     for layer, expected_BTD in [(-2, hidden_states[-2]), (-1, hidden_states[-1]), (0, hidden_states[1])]:
-        acts_BPD = embedded.patch_activations(pixels_BCHW, layer=layer)
-        assert acts_BPD.shape == (2, 256, 384) and acts_BPD.dtype == torch.float32
-        torch.testing.assert_close(acts_BPD, expected_BTD[:, 1:], rtol=0, atol=1e-5)
+        tokens = embedded.layer_tokens(pixels_BCHW, layer=layer)
+        assert tokens.patch_BPD.shape == (2, 256, 384) and tokens.patch_BPD.dtype == torch.float32
+        torch.testing.assert_close(tokens.patch_BPD, expected_BTD[:, 1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tokens.prefix_BRD, expected_BTD[:, :1], rtol=0, atol=1e-5)
+        # DINOv2's final patch tokens: its final LayerNorm on the last block's output, as its forward gives them.
+        torch.testing.assert_close(tokens.final_BPD, output.last_hidden_state[:, 1:], rtol=0, atol=1e-5)
+    assert not torch.allclose(output.last_hidden_state[:, 1:], hidden_states[-1][:, 1:], atol=0.1)
 
 
 def test_resolve_layer_counts_from_the_end_and_rejects_out_of_range(embedded: Backbone) -> None:
@@ -170,12 +175,18 @@ def test_tiny_model_folders_load_through_the_same_interface(kind: str, tmp_path:
 
     # 56 px on a model trained at 28 px: 4x4 patches through interpolated position embeddings.
     pixels_BCHW = backbone.preprocess(np.random.default_rng(0).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8))
-    acts_BPD = backbone.patch_activations(pixels_BCHW, layer=-1)
-    assert acts_BPD.shape == (2, 16, 32)
+    tokens = backbone.layer_tokens(pixels_BCHW, layer=-1)
+    assert tokens.patch_BPD.shape == (2, 16, 32) and tokens.prefix_BRD.shape == (2, n_prefix_tokens, 32)
     extra = {"interpolate_pos_encoding": True} if model_type == "clip_vision_model" else {}
     with torch.no_grad():
-        hidden_states = backbone.model(pixel_values=pixels_BCHW, output_hidden_states=True, **extra).hidden_states
-    torch.testing.assert_close(acts_BPD, hidden_states[-1][:, n_prefix_tokens:], rtol=0, atol=1e-6)
+        output = backbone.model(pixel_values=pixels_BCHW, output_hidden_states=True, **extra)
+    torch.testing.assert_close(tokens.patch_BPD, output.hidden_states[-1][:, n_prefix_tokens:], rtol=0, atol=1e-6)
+    # The final patch tokens as the model's own forward gives them: DINOv2's are its final LayerNorm's output,
+    # CLIP's the last block's (post_layernorm normalizes only the pooled CLS token).
+    torch.testing.assert_close(tokens.final_BPD, output.last_hidden_state[:, n_prefix_tokens:], rtol=0, atol=1e-6)
+    normed = model_type != "clip_vision_model"
+    assert torch.equal(tokens.final_BPD, tokens.patch_BPD) != normed
+    assert backbone.final_norm_name == ("layernorm" if normed else "none (last_hidden_state)")
 
 
 def test_folder_preprocessor_config_sets_mean_and_std(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_recording_holds_the_backbone_activations_and_labels(tiny_ade20k, tiny_b
     samples = list_split(tiny_ade20k, "training")
     backbone = load_backbone(str(tiny_backbone_dir), tmp_path, "cpu")
     image, labels = load_sample(samples[4], 28)
-    expected = backbone.patch_activations(backbone.preprocess(image[None]), -1)[0].numpy()
+    expected = backbone.layer_tokens(backbone.preprocess(image[None]), -1).patch_BPD[0].numpy()
     np.testing.assert_allclose(cache.read("activations", 4, 5)[0], expected, atol=2e-2, rtol=1e-2)  # float16 storage
     assert np.array_equal(cache.read("pixel_labels", 4, 5)[0], labels)
     assert np.array_equal(cache.read("patch_labels", 4, 5)[0], patch_labels(labels, 14)[0])

@@ -72,17 +72,26 @@ class World:
                                                                          "compute": Compute()}, **options)
 
 
-def write_world(root: Path, instance: dg.DagsterInstance) -> World:
+def write_world(root: Path, instance: dg.DagsterInstance, vit=None) -> World:
     """Tiny ADE20K-format data (labels 1..3 on the left half, 10 = grass on the right), caches whose tokens carry
-    3 x the direction of their label, a ReLU SAE whose first latents are those directions, a probe reading them."""
+    3 x the direction of their label, a ReLU SAE whose first latents are those directions, a probe reading them.
+    With `vit` (a saved backbone folder, a layer-0 tail of it), the caches also hold random prefix tokens and the
+    final tokens the tail gives, and name the folder as their backbone source."""
     dataset = write_tiny_ade20k(root / "ade", n_train=6, n_val=3)
+    tail = None
+    if vit is not None:
+        from saeseg_assets.core.data.backbone import load_backbone
+        from saeseg_assets.core.data.tail import BackboneTail
+
+        tail = BackboneTail.of(load_backbone(str(vit), root), layer=0)
     storage = Storage(data_dir=str(root / "data"))
     rng = np.random.default_rng(0)
     for asset, split in (("train_activations", "training"), ("val_activations", "validation")):
         samples = list_split(dataset, split)
-        settings = CacheProvenance(backbone="toy", backbone_source="toy", layer=0, crop_size=CROP, patch_size=PATCH,
-                                 d_model=D_MODEL, dataset_root=str(dataset), split=split, preprocessing="toy",
-                                 dtype="float32")
+        settings = CacheProvenance(backbone="toy", backbone_source=str(vit or "toy"), layer=0, crop_size=CROP,
+                                 patch_size=PATCH, d_model=D_MODEL, dataset_root=str(dataset), split=split,
+                                 preprocessing="toy", dtype="float32",
+                                 **({} if vit is None else {"n_prefix_tokens": 1, "final_norm": "layernorm"}))
 
         def write_cache(folder: Path, samples=samples, settings=settings) -> None:
             writer = CacheWriter(folder / CACHE_FOLDER, settings, [s.image_id for s in samples], chunk_images=4)
@@ -94,7 +103,11 @@ def write_world(root: Path, instance: dg.DagsterInstance) -> World:
                 for (b, p), label in np.ndenumerate(labels.reshape(len(chunk), 4)):
                     if label in SLOTS:
                         acts[b, p, SLOTS[label]] += 3.0
-                writer.write_chunk(a, acts.astype(np.float32), labels, purity, pixels)
+                tokens = []
+                if tail is not None:
+                    prefix = torch.from_numpy(rng.standard_normal((len(chunk), 1, D_MODEL)).astype(np.float32))
+                    tokens = [prefix.numpy(), tail(prefix, torch.from_numpy(acts.astype(np.float32))).numpy()]
+                writer.write_chunk(a, acts.astype(np.float32), labels, purity, pixels, *tokens)
             writer.finish()
 
         record_artifact(instance, storage, OutputSpec(asset, 1, {"toy": split}), write_cache)
@@ -112,6 +125,11 @@ def write_world(root: Path, instance: dg.DagsterInstance) -> World:
         weight[label, slot] = 1.0
     record_artifact(instance, storage, OutputSpec("probe_checkpoint", 1, {"toy": 1}),
                     lambda folder: save_probe(folder, Probe(weight, bias, {"source": "test"})))
+    if vit is not None:  # a probe on the final tokens, trained elsewhere (random), on the training cache
+        final = Probe(torch.randn(151, D_MODEL, generator=torch.Generator().manual_seed(1)), torch.zeros(151),
+                      {"source": "test", "probe_layer": "final"})
+        record_artifact(instance, storage, OutputSpec("final_probe_checkpoint", 1, {"toy": 1}, {
+            "train_activations": latest_key(instance, "train_activations")}), lambda folder: save_probe(folder, final))
     world = World(storage, instance)
     # baseline_metrics is an input of the reports in the graph, not in their files: a stand-in record suffices.
     instance.report_runless_asset_event(dg.AssetMaterialization("baseline_metrics", metadata={"key": "stand-in"}))
@@ -319,3 +337,59 @@ def test_cli_partition_range_over_all_classes(tmp_path, monkeypatch):
             keys = latest_keys(instance, asset)
             assert len(keys) == 150 and len(set(keys.values())) == 1  # one run, one key
             assert len(list(world.storage.store.path(asset, keys["001_wall"]).iterdir())) == 150
+
+
+def test_both_mechanisms_side_by_side(tmp_path):
+    """A class studied under shortcut and under propagate (through a real saved two-block ViT's tail), and the summary
+    that sets them side by side."""
+    import transformers
+
+    from saeseg_assets.assets.reports import propagated_report
+    from saeseg_assets.core.data.backbone import load_backbone
+    from saeseg_assets.core.data.tail import BackboneTail
+    from saeseg_assets.core.probe.metrics import grid_logits, pixel_predictions
+    from saeseg_assets.core.probe.model import load_probe
+    from saeseg_assets.core.report.results import MechanismComparison
+
+    torch.manual_seed(0)
+    vit = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * D_MODEL,
+        patch_size=PATCH, image_size=CROP))
+    vit.save_pretrained(tmp_path / "vit")
+    with dg.instance_for_test() as instance:
+        world = write_world(tmp_path, instance, vit=tmp_path / "vit")
+        studied = world.materialize([class_latents, suppression_report, propagated_report],
+                                    partition_key="010_grass", run_config=RUN_CONFIG)
+        assert studied.success
+        assert world.materialize([suppression_summary]).success
+        shortcut = read_result(world.folder("suppression_report", "010_grass") / "report.json", ClassReport)
+        propagate = read_result(world.folder("propagated_report", "010_grass") / "report.json", ClassReport)
+        summary = world.folder("suppression_summary")
+        words = {asset: asset_metadata(studied, asset, "010_grass")["mechanism"]
+                 for asset in ("suppression_report", "propagated_report")}
+        val = ActivationCache(world.folder("val_activations") / CACHE_FOLDER)
+        probe = load_probe(world.folder("final_probe_checkpoint"))
+    assert (shortcut.config.mechanism, propagate.config.mechanism) == ("shortcut", "propagate")
+    assert "shortcut: the edit at the SAE's layer" in words["suppression_report"]
+    assert "propagate: the edit at the SAE's layer carried through" in words["propagated_report"]
+    assert propagate.status == "evaluated" and propagate.selection == shortcut.selection
+    assert propagate.dose_response == () and shortcut.dose_response  # no validation sweep under propagate
+    configured = propagate.configured.patch
+    assert configured.random_latents is not None and configured.random_direction is not None
+    assert configured.target_change_rate_ci is not None and propagate.tuning.status == "tuned"
+    # Its baseline is the final probe after the tail on the recorded tokens: the grass IoU computed here by hand.
+    tail = BackboneTail.of(load_backbone(str(tmp_path / "vit"), tmp_path), layer=0)
+    final_BPD = tail(torch.from_numpy(val.read("prefix_tokens", 0, 3)), torch.from_numpy(val.read("activations", 0, 3)))
+    pred_BHW = pixel_predictions(grid_logits(final_BPD @ probe.weight_CD.T + probe.bias_C, 2), CROP)
+    labels_BHW = torch.from_numpy(val.read("pixel_labels", 0, 3))
+    hit, gt, pred = ((pred_BHW == 10) & (labels_BHW == 10)).sum(), (labels_BHW == 10).sum(), \
+        ((pred_BHW == 10) & (labels_BHW != 0)).sum()
+    assert propagate.configured.pixels.target_iou_before == pytest.approx(float(hit / (gt + pred - hit)))
+    comparison = read_result(summary / "mechanisms.json", MechanismComparison)
+    assert comparison.n_classes == 1 and comparison.rows[0].class_key == "010_grass"
+    assert comparison.rows[0].propagate == configured and comparison.rows[0].shortcut == shortcut.configured.patch
+    assert comparison.n_specific_shortcut == int(shortcut.specific)
+    assert comparison.n_specific_propagate == int(propagate.specific)
+    html = (summary / "report.html").read_text()
+    assert "010_grass under propagate" in html and html.count("Mechanism of the figures") == 2
+    assert (summary / "mechanisms.png").read_bytes()[:4] == b"\x89PNG"

@@ -61,4 +61,11 @@ def test_the_codes_format_reaches_the_reports_and_the_summary_but_not_the_sae():
     """The rule on one case checked by hand: val_codes and tuning_codes are written by core.study.codes."""
     written = {asset for asset, stage in STAGES.items() if "study.codes" in stage.writes}
     assert written == {"val_codes", "tuning_codes"}
-    assert _descendants(written) == {"val_codes", "tuning_codes", "suppression_report", "suppression_summary"}
+    assert _descendants(written) == {"val_codes", "tuning_codes", "suppression_report", "propagated_report",
+                                     "suppression_summary"}
+
+
+def test_the_tails_format_reaches_the_propagated_reports_only():
+    written = {asset for asset, stage in STAGES.items() if "data.tail" in stage.writes}
+    assert written == {"propagated_report"}
+    assert _descendants(written) == {"propagated_report", "suppression_summary"}

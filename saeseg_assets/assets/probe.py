@@ -10,7 +10,7 @@ from ..core.settings import SweepSettings
 from ..recipe import Recipe, checkpoint_import, stage
 from ..resources import Checkpoints, Compute, Storage
 
-ProbeConfig = launchpad_config("ProbeConfig", SweepSettings, import_path=(str, Field(
+ProbeConfig = launchpad_config("ProbeConfig", SweepSettings, fixed={"probe_layer": "sae"}, import_path=(str, Field(
     default="", description="Probe checkpoint to import instead of training: a folder or probe.safetensors/.json of "
     "ours, or a reference .pt file. Empty means the checkpoints resource (env SAESEG_PROBE_CHECKPOINT), then the drop "
     "folder data/checkpoints/probe/; where none holds a checkpoint, the probe is trained here. Default: ''.")))
@@ -45,6 +45,32 @@ def probe_checkpoint(context: dg.AssetExecutionContext, config: ProbeConfig, sto
                     save_probe(work, Probe(imported.weight_CD, imported.bias_C, meta))
                 else:
                     save_probe(work, train_sweep(cache, sweep, compute.device, log=context.log.info).probe)
+    return out.result(_probe_metadata(load_probe(out.folder).meta))
+
+
+FinalProbeConfig = launchpad_config("FinalProbeConfig", SweepSettings, fixed={"probe_layer": "final"})
+
+
+@dg.asset(deps=stage("final_probe_checkpoint", reads=("train_activations",), writes=("probe.model",)),
+          group_name="probe", kinds={"pytorch", "safetensors"}, pool="gpu",
+          backfill_policy=dg.BackfillPolicy.single_run(), automation_condition=DOWNSTREAM_CONDITION)
+def final_probe_checkpoint(context: dg.AssetExecutionContext, config: FinalProbeConfig, storage: Storage,
+                           compute: Compute) -> dg.MaterializeResult:
+    """The linear probe on the backbone's final patch tokens (the cache's final_tokens; DINOv2: the final LayerNorm of
+    the last hidden state, as the paper's demo reads them), trained by the same sweep as probe_checkpoint, the same
+    chunks held out: probe.safetensors + probe.json. The propagated suppression study reads it."""
+    from ..core.probe.model import load_probe, save_probe
+    from ..core.probe.sweep import train_sweep
+
+    recipe = Recipe(context, storage)
+    _, cache = recipe.cache("train_activations")
+    if not cache.settings.has_tail_tokens:
+        raise dg.Failure(f"{cache.path} holds no final patch tokens (recorded without a backbone): a final-layer probe "
+                         "needs a cache recorded by train_activations")
+    out = recipe.output(config.settings().identity())
+    if not out.reused:
+        with out.write() as work:
+            save_probe(work, train_sweep(cache, config.settings(), compute.device, log=context.log.info).probe)
     return out.result(_probe_metadata(load_probe(out.folder).meta))
 
 

@@ -8,7 +8,7 @@ from ..resources import Storage
 from .latents import GALLERY_FILE
 from .reports import PICTURES, REPORT_FILE
 
-SUMMARY_FILE, CLASSES_FILE = "summary.json", "classes.json"
+SUMMARY_FILE, CLASSES_FILE, MECHANISMS_FILE = "summary.json", "classes.json", "mechanisms.json"
 LATEST_REPORT = "report.html"  # under the data folder: a link to the latest summary's report.html
 # The summary's figures shown as entries of their own (the rest are in its "figures" table): the counts, the most
 # common tuned setting, the TPP means.
@@ -16,8 +16,10 @@ HEADLINE_FIGURES = ("n_classes_evaluated", "n_specific", "n_tuned", "n_absent_fr
                     "n_stale", "tuned_", "mean_tpp_score", "mean_tuned_tpp_score")
 
 
-@dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "val_codes", "baseline_metrics"),
-                     writes=("report.results", "report.summary", "report.study_pictures", "report.summary_page")),
+@dg.asset(deps=stage("suppression_summary", reads=("suppression_report", "propagated_report", "val_codes",
+                                                  "baseline_metrics"),
+                     writes=("report.results", "report.summary", "report.study_pictures", "report.summary_page",
+                             "report.mechanisms")),
           group_name="suppression", kinds={"pandas"},
           backfill_policy=dg.BackfillPolicy.single_run(), automation_condition=DOWNSTREAM_CONDITION)
 def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> dg.MaterializeResult:
@@ -31,22 +33,27 @@ def suppression_summary(context: dg.AssetExecutionContext, storage: Storage) -> 
     store = storage.store
     recipe = Recipe(context, storage)
     codes_key, baseline_key = recipe.key_of("val_codes"), recipe.key_of("baseline_metrics")
-    report_keys = recipe.partition_keys("suppression_report")
-    current = {c: k for c, k in report_keys.items()
-               if store.inputs("suppression_report", k, c)["val_codes"] == codes_key}
-    if stale := sorted(set(report_keys) - set(current)):
-        context.log.warning(f"left out {len(stale)} report(s) made from other validation codes than val_codes "
-                            f"{codes_key}: {', '.join(stale[:10])}")
-    out = recipe.output({}, {f"suppression_report/{c}": k for c, k in current.items()})
+    current, stale = {}, []
+    for asset in ("suppression_report", "propagated_report"):  # the propagated reports are optional
+        report_keys = recipe.partition_keys(asset)
+        current[asset] = {c: k for c, k in report_keys.items()
+                          if store.inputs(asset, k, c)["val_codes"] == codes_key}
+        if left_out := sorted(set(report_keys) - set(current[asset])):
+            context.log.warning(f"left out {len(left_out)} {asset}(s) made from other validation codes than "
+                                f"val_codes {codes_key}: {', '.join(left_out[:10])}")
+        stale += left_out if asset == "suppression_report" else []
+    out = recipe.output({}, {f"{asset}/{c}": k for asset, keys in current.items() for c, k in keys.items()})
     if not out.reused:
-        folders = {c: store.open("suppression_report", k, c) for c, k in sorted(current.items())}
+        folders = {c: store.open("suppression_report", k, c) for c, k in sorted(current["suppression_report"].items())}
+        propagated = {c: store.open("propagated_report", k, c)
+                      for c, k in sorted(current["propagated_report"].items())}
         reports = [read_result(folder / REPORT_FILE, ClassReport) for folder in folders.values()]
         galleries = {r.class_key: store.path("class_latents", r.inputs["class_latents"], r.class_key) / GALLERY_FILE
                      for r in reports}
         provenance = _provenance(storage, codes_key, baseline_key, reports, out.spec.key,
-                                 sorted(set(current.values())))
+                                 sorted(set(current["suppression_report"].values())))
         with out.write() as work:
-            _write_summary(work, reports, folders, galleries, provenance, n_stale=len(stale))
+            _write_summary(work, reports, folders, galleries, provenance, n_stale=len(stale), propagated=propagated)
     link_atomic(storage.root / LATEST_REPORT, out.folder / REPORT_HTML)
     metadata = _summary_metadata(out.folder)
     context.log.info(f"{metadata['result'].value}\nreport: {out.folder / REPORT_HTML} (latest: "
@@ -117,9 +124,10 @@ def _provenance(storage: Storage, codes_key: str, baseline_key: str, reports: li
 
 
 def _write_summary(folder, reports: list, report_folders: dict, galleries: dict, provenance: dict,
-                   n_stale: int) -> None:
+                   n_stale: int, propagated: dict) -> None:
     """summary.csv, dose_response.csv, specific_counts.csv, rules.csv, classes.json, summary.json, the pictures of
-    core.summary_page.SUMMARY_PICTURES and report.html."""
+    core.summary_page.SUMMARY_PICTURES, the mechanisms side by side (`propagated`: the folders of the classes'
+    propagated reports) and report.html."""
     from ..core.report.results import (
         ClassTable,
         DoseRow,
@@ -185,8 +193,33 @@ def _write_summary(folder, reports: list, report_folders: dict, galleries: dict,
     for key, path in galleries.items():
         if key in class_pictures and path.exists():
             class_pictures[key]["gallery"] = path.read_bytes()
-    page = summary_html(summary, class_rows(reports), pictures, reports, class_pictures, provenance)
+    mechanisms, per_class = _write_mechanisms(folder, reports, propagated)
+    page = summary_html(summary, class_rows(reports), pictures, reports, class_pictures, provenance, mechanisms,
+                        per_class)
     write_atomic(folder / REPORT_HTML, page.encode())
+
+
+def _write_mechanisms(folder, reports: list, propagated: dict) -> tuple[list[str], dict[str, list[str]]]:
+    """mechanisms.json, mechanisms.csv, mechanisms.png; report.html's section comparing the two mechanisms, and each
+    class's section under propagate."""
+    from ..core.report.html import heading, markdown_html, paragraph, png_img
+    from ..core.report.mechanisms import comparison_markdown, comparison_png, compare, propagated_class_html
+    from ..core.report.results import ClassReport, MechanismRow, read_result, write_result
+    from ..core.report.tables import record_csv
+    from ..core.store.artifacts import write_atomic
+
+    theirs = [read_result(f / REPORT_FILE, ClassReport) for f in propagated.values()]
+    comparison = compare(reports, theirs)
+    write_result(folder / MECHANISMS_FILE, comparison)
+    write_atomic(folder / "mechanisms.csv", record_csv(comparison.rows, MechanismRow))
+    png = comparison_png(comparison, "change rates per class under both mechanisms (configured setting)")
+    write_atomic(folder / "mechanisms.png", png)
+    section = [heading(2, "Shortcut and propagate side by side"), paragraph(comparison.sentence),
+               markdown_html(comparison_markdown(comparison)), png_img(png, "both mechanisms")]
+    per_class = {r.class_key: propagated_class_html(r, (propagated[r.class_key] / "examples.png").read_bytes()
+                                                    if (propagated[r.class_key] / "examples.png").exists() else None)
+                 for r in theirs if r.evaluated}
+    return section, per_class
 
 
 def _summary_metadata(folder) -> dict:
@@ -208,7 +241,11 @@ def _summary_metadata(folder) -> dict:
     from ..core.report.tables import markdown_table, record_markdown
     from ..core.report.text import CLASS_TABLE_NOTES
 
+    from ..core.report.mechanisms import comparison_markdown
+    from ..core.report.results import MechanismComparison
+
     summary = read_result(folder / SUMMARY_FILE, StudySummary)
+    mechanisms = read_result(folder / MECHANISMS_FILE, MechanismComparison)
     rows = read_result(folder / CLASSES_FILE, ClassTable).rows
     classes = {view: dg.MetadataValue.md(record_markdown(rows, ClassRow, view) + f"\n\n{CLASS_TABLE_NOTES[view]}.")
                for view in CLASS_VIEWS}
@@ -216,6 +253,12 @@ def _summary_metadata(folder) -> dict:
     return {"result": dg.MetadataValue.text(summary.result), **classes,
             **{name: dg.MetadataValue.md(png_markdown((folder / f"{name}.png").read_bytes(), title))
                for name, title in SUMMARY_PICTURES.items()},
+            "mechanisms": dg.MetadataValue.text(mechanisms.sentence),
+            "mechanisms_table": dg.MetadataValue.md(comparison_markdown(mechanisms)),
+            "mechanisms_chart": dg.MetadataValue.md(png_markdown((folder / "mechanisms.png").read_bytes(),
+                                                                 "both mechanisms")),
+            **{name: getattr(mechanisms, name) for name in ("n_specific_shortcut", "n_specific_propagate",
+                                                            "n_specific_tuned_shortcut", "n_specific_tuned_propagate")},
             "per_rule": dg.MetadataValue.md(record_markdown(summary.per_rule, RuleRow)),
             "specific_counts": dg.MetadataValue.md(record_markdown(summary.per_setting, SettingCount)),
             # The counts and the most common tuned setting as entries (numbers the UI can plot); every figure in one

@@ -20,6 +20,8 @@ RULES = ("f1", "activation_sum", "probe_aware")  # rank latents from the latent 
 # The tuning's rules: those, and `effect`, which ranks by measured suppression on the tuning images (study.effect).
 TUNING_RULES = (*RULES, "effect")
 MODES = ("every_token", "where_active")
+PROBE_LAYERS = ("sae", "final")
+MECHANISMS = ("shortcut", "propagate")
 
 
 class StageSettings(BaseModel):
@@ -105,10 +107,15 @@ class SweepSettings(StageSettings):
     target: str = Field("soft", description="Training target per patch: 'soft' is its pixel-label shares (per-pixel "
                         "cross-entropy), 'majority' its majority label; label 0 is ignored either way.")
     buffer_images: int = Field(256, description="Images whose tokens are mixed in the shuffle buffer; bounds memory.")
+    probe_layer: str = Field("sae", description="What the probe reads: 'sae' the patch tokens at the SAE's layer "
+                             "(the seed's commands), 'final' the backbone's final patch tokens (DINOv2: the final "
+                             "LayerNorm of the last hidden state, as the paper's demo reads them).")
 
     @model_validator(mode="after")
     def _check(self) -> SweepSettings:
         problems = []
+        if self.probe_layer not in PROBE_LAYERS:
+            problems.append(f"probe_layer must be one of {PROBE_LAYERS}, got {self.probe_layer!r}")
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             problems.append(f"lrs must be positive, got {list(self.lrs)}")
         if not self.weight_decays or any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):
@@ -168,6 +175,20 @@ class SelectionSettings(StageSettings):
 class SuppressionSettings(StageSettings):
     """The configured suppression, its controls, the dose-response sweep and the class-specificity rule."""
 
+    _PROPAGATE_ONLY: ClassVar[tuple[str, ...]] = ("propagate_n_latents", "propagate_scales", "propagate_candidates")
+
+    mechanism: str = Field("shortcut", description="How an edit reaches the probe: 'shortcut' takes the edit at the "
+                           "SAE's layer straight into a probe on that layer (the seed's commands); 'propagate' runs "
+                           "the rest of the ViT (the later blocks and the final norm) on the edited tokens, CLS and "
+                           "registers carried unedited, and reads the probe on the final layer (the paper's demo).")
+    propagate_n_latents: tuple[int, ...] = Field((1, 3, 10), description="Under propagate, the numbers of latents "
+                                                 "the tuning tries (every setting runs the tail: a smaller grid than "
+                                                 "n_latents).")
+    propagate_scales: tuple[float, ...] = Field((-2.0, 0.0), description="Under propagate, the scales the tuning "
+                                                "tries, in each of dose_modes.")
+    propagate_candidates: int = Field(1, description="Under propagate, settings per rule, best by target minus other "
+                                      "change rate on the tuning images, whose controls are measured before one is "
+                                      "chosen.")
     scale: float = Field(-2.0, description="Each chosen latent is set to scale x its largest activation over the "
                          "training tokens; -2 was the original plan, 0 is plain ablation.")
     mode: str = Field("every_token", description="Where the latents are set: 'every_token' on every token (the "
@@ -216,14 +237,31 @@ class SuppressionSettings(StageSettings):
             raise ValueError("bootstrap_resamples must be at least 1000 and tuning_candidates at least 1")
         if self.control_seeds < 1:
             raise ValueError(f"control_seeds = {self.control_seeds}: at least one draw per control")
-        if not all(math.isfinite(s) for s in (self.scale, *self.dose_scales)):
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism {self.mechanism!r}: expected one of {MECHANISMS}")
+        if not self.propagate_n_latents or min(self.propagate_n_latents) < 1 or not self.propagate_scales \
+                or self.propagate_candidates < 1:
+            raise ValueError("propagate_n_latents must be >= 1, propagate_scales not empty, propagate_candidates >= 1")
+        if not all(math.isfinite(s) for s in (self.scale, *self.dose_scales, *self.propagate_scales)):
             raise ValueError("suppression scales must be finite numbers")
         return self
+
+    def identity(self) -> dict:
+        ignored = self._PROPAGATE_ONLY if self.mechanism == "shortcut" else ()
+        return {k: v for k, v in super().identity().items() if k not in ignored}
 
     def dose_grid(self) -> list[tuple[str, float]]:
         """(mode, scale) of the dose-response, with the configured setting included."""
         grid = [(m, float(s)) for m in self.dose_modes for s in self.dose_scales]
         return grid if (self.mode, self.scale) in grid else [*grid, (self.mode, float(self.scale))]
+
+    def tuning_grid(self) -> tuple[tuple[int, ...], list[tuple[str, float]], int]:
+        """(numbers of latents, (mode, scale) pairs, candidates per rule whose controls are measured) of the tuning:
+        the dose-response's under shortcut, the smaller propagate_* grid under propagate."""
+        if self.mechanism == "shortcut":
+            return self.n_latents, self.dose_grid(), self.tuning_candidates
+        return (self.propagate_n_latents, [(m, float(s)) for m in self.dose_modes for s in self.propagate_scales],
+                self.propagate_candidates)
 
     def specificity_rule(self) -> str:
         """The class-specificity rule in words, as reports state it."""

@@ -60,7 +60,8 @@ class BackboneInfo:
 
 
 class Backbone:
-    """A frozen ViT in eval mode that turns uint8 images into one block's patch-token activations."""
+    """A frozen ViT in eval mode that turns uint8 images into one block's patch-token activations, the tokens the
+    later blocks also read (CLS and registers), and the final patch tokens its own forward pass gives."""
 
     def __init__(self, model: nn.Module, info: BackboneInfo, device: torch.device) -> None:
         self.model = model
@@ -71,10 +72,19 @@ class Backbone:
             self._embed: Callable[[torch.Tensor], torch.Tensor] = lambda pixels_BCHW: model.pre_layrnorm(
                 model.embeddings(pixels_BCHW, interpolate_pos_encoding=True)
             )
-            self._blocks = model.encoder.layers
+            self.blocks = model.encoder.layers
+            # CLIP's forward applies post_layernorm to the pooled CLS token only: its patch tokens leave the last
+            # block as they are (last_hidden_state), and that is what a probe on its final patch tokens reads.
+            self.final_norm: nn.Module = nn.Identity()
         else:
             self._embed = model.embeddings  # DINOv2 interpolates its position grid to any input size
-            self._blocks = model.encoder.layer
+            self.blocks = model.encoder.layer
+            self.final_norm = model.layernorm  # DINOv2's x_norm_patchtokens: the last LayerNorm on every token
+
+    @property
+    def final_norm_name(self) -> str:
+        """What the final patch tokens are, in words (the cache's `final_norm` attribute)."""
+        return "none (last_hidden_state)" if isinstance(self.final_norm, nn.Identity) else "layernorm"
 
     def resolve_layer(self, layer: int) -> int:
         n = self.info.n_layers
@@ -100,12 +110,26 @@ class Backbone:
         return ((pixels_BHWC - mean_C) / std_C).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
-    def patch_activations(self, pixels_BCHW: torch.Tensor, layer: int) -> torch.Tensor:
+    def layer_tokens(self, pixels_BCHW: torch.Tensor, layer: int) -> LayerTokens:
+        """One forward pass: the prefix and patch tokens at the output of block `layer`, and the final patch
+        tokens (the last block's output through the final norm)."""
         last = self.resolve_layer(layer)
         tokens_BTD = self._embed(pixels_BCHW.to(self.device, torch.float32))
-        for block in self._blocks[: last + 1]:
+        for block in self.blocks[: last + 1]:
             tokens_BTD = block(tokens_BTD, None)
-        return tokens_BTD[:, self.info.n_prefix_tokens :].float().contiguous()
+        at_layer_BTD = tokens_BTD
+        for block in self.blocks[last + 1 :]:
+            tokens_BTD = block(tokens_BTD, None)
+        r = self.info.n_prefix_tokens
+        return LayerTokens(at_layer_BTD[:, :r].float().contiguous(), at_layer_BTD[:, r:].float().contiguous(),
+                           self.final_norm(tokens_BTD)[:, r:].float().contiguous())
+
+
+@dataclass(frozen=True)
+class LayerTokens:
+    prefix_BRD: torch.Tensor  # CLS and register tokens at the layer: the later blocks attend to them
+    patch_BPD: torch.Tensor  # patch tokens at the layer, row-major grid order
+    final_BPD: torch.Tensor  # the final patch tokens (Backbone.final_norm of the last block's output)
 
 
 def embedded_backbone_dir(cache_dir: Path) -> Path:

@@ -18,7 +18,7 @@ import zarr
 
 from ..store.artifacts import OutputSpec, write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefix_tokens and final_tokens, what the tail after the layer needs and gives
 CACHE_FOLDER = "activations.zarr"  # the cache inside its artifact folder
 _PROGRESS_FILE = "progress.json"
 
@@ -42,6 +42,15 @@ class CacheProvenance:
     preprocessing: str
     dtype: str = "float16"
     dataset_fingerprint: str = ""  # of both splits' files (ade20k.dataset_fingerprint), shared by a pair of caches
+    # What the backbone's tail needs and gives, recorded from a backbone: the prefix tokens (CLS, registers) at the
+    # layer and the final patch tokens, after `final_norm` ("layernorm", or "none (last_hidden_state)" for CLIP).
+    # Caches made without a backbone (synthetic ones) have neither: final_norm "".
+    n_prefix_tokens: int = 0
+    final_norm: str = ""
+
+    @property
+    def has_tail_tokens(self) -> bool:
+        return bool(self.final_norm)
 
     @property
     def grid(self) -> int:
@@ -101,6 +110,11 @@ class CacheWriter:
         # Activations are read far more often than written and barely compress: store them raw.
         g.create_array("activations", shape=(n, s.n_patches, s.d_model), chunks=(c, s.n_patches, s.d_model),
                        dtype=s.dtype, compressors=None)
+        if s.has_tail_tokens:
+            g.create_array("prefix_tokens", shape=(n, s.n_prefix_tokens, s.d_model),
+                           chunks=(c, s.n_prefix_tokens, s.d_model), dtype=s.dtype, compressors=None)
+            g.create_array("final_tokens", shape=(n, s.n_patches, s.d_model), chunks=(c, s.n_patches, s.d_model),
+                           dtype=s.dtype, compressors=None)
         g.create_array("patch_labels", shape=(n, s.grid, s.grid), chunks=(c, s.grid, s.grid), dtype="uint8")
         g.create_array("patch_purity", shape=(n, s.grid, s.grid), chunks=(c, s.grid, s.grid), dtype="float32")
         g.create_array("pixel_labels", shape=(n, s.crop_size, s.crop_size), chunks=(c, s.crop_size, s.crop_size),
@@ -113,15 +127,23 @@ class CacheWriter:
         self._group = g
 
     def write_chunk(self, start: int, acts_BPD: np.ndarray, patch_labels_Bhw: np.ndarray,
-                    patch_purity_Bhw: np.ndarray, pixel_labels_BHW: np.ndarray) -> None:
-        """Writes images [start, start + B): one whole chunk (or the last, shorter one), in order."""
+                    patch_purity_Bhw: np.ndarray, pixel_labels_BHW: np.ndarray, prefix_BRD: np.ndarray | None = None,
+                    final_BPD: np.ndarray | None = None) -> None:
+        """Writes images [start, start + B): one whole chunk (or the last, shorter one), in order. `prefix_BRD` and
+        `final_BPD` are given exactly when the cache records tail tokens."""
         if start != self.n_written or start % self.chunk_images:
             raise ValueError(f"chunks must be written in order: expected start {self.n_written}, got {start}")
         stop = start + len(acts_BPD)
         if stop != min(start + self.chunk_images, self.n_images):
             raise ValueError(f"chunk at {start} holds {len(acts_BPD)} images, expected a whole chunk")
+        if (prefix_BRD is not None, final_BPD is not None) != (self.settings.has_tail_tokens,) * 2:
+            raise ValueError(f"{self.path}: prefix and final tokens must be written exactly when the cache records "
+                             f"them (final_norm {self.settings.final_norm!r})")
         g = self._group
         g["activations"][start:stop] = acts_BPD.astype(self.settings.dtype, copy=False)
+        if self.settings.has_tail_tokens:
+            g["prefix_tokens"][start:stop] = prefix_BRD.astype(self.settings.dtype, copy=False)
+            g["final_tokens"][start:stop] = final_BPD.astype(self.settings.dtype, copy=False)
         g["patch_labels"][start:stop] = patch_labels_Bhw
         g["patch_purity"][start:stop] = patch_purity_Bhw
         g["pixel_labels"][start:stop] = pixel_labels_BHW
@@ -290,9 +312,13 @@ def token_batches(cache: ActivationCache, spans: Sequence[Span], batch_size: int
             carry = {f: block[f][perm[end:]] for f in fields}
 
 
+TOKEN_FIELDS = ("activations", "final_tokens")  # the arrays of one vector per patch token
+
+
 def _tokens(field: str, x: np.ndarray) -> np.ndarray:
-    """Per-image arrays -> one row per token: activations [n, P, D] -> [n*P, D]; patch maps [n, h, w] -> [n*h*w]."""
-    return x.reshape(-1, x.shape[-1]) if field == "activations" else x.reshape(-1)
+    """Per-image arrays -> one row per token: token vectors [n, P, D] -> [n*P, D]; patch maps [n, h, w] ->
+    [n*h*w]."""
+    return x.reshape(-1, x.shape[-1]) if field in TOKEN_FIELDS else x.reshape(-1)
 
 
 def check_same_dataset(train: ActivationCache, val: ActivationCache) -> None:

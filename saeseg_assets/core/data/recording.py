@@ -40,7 +40,8 @@ def cache_settings(backbone: Backbone, layer: int, crop_size: int, dataset_root:
                          crop_size=crop_size, patch_size=info.patch_size, d_model=info.d_model,
                          dataset_root=str(dataset_root), split=split,
                          preprocessing=describe_preprocessing(crop_size), dtype=dtype,
-                         dataset_fingerprint=dataset_fingerprint)
+                         dataset_fingerprint=dataset_fingerprint, n_prefix_tokens=info.n_prefix_tokens,
+                         final_norm=backbone.final_norm_name)
 
 
 def _gather(futures) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +69,9 @@ def record_split(samples: Sequence[Sample], backbone: Backbone, settings: CacheP
             images_BHWC, pixel_labels_BHW = _gather(pending)
             pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
             labels_Bhw, purity_Bhw = patch_labels(pixel_labels_BHW, settings.patch_size)
-            acts_BPD = backbone.patch_activations(backbone.preprocess(images_BHWC), settings.layer)
-            writer.write_chunk(start, acts_BPD.float().cpu().numpy(), labels_Bhw, purity_Bhw, pixel_labels_BHW)
+            tokens = backbone.layer_tokens(backbone.preprocess(images_BHWC), settings.layer)
+            writer.write_chunk(start, tokens.patch_BPD.cpu().numpy(), labels_Bhw, purity_Bhw, pixel_labels_BHW,
+                               tokens.prefix_BRD.cpu().numpy(), tokens.final_BPD.cpu().numpy())
             now = time.perf_counter()
             if now - last_log >= log_every_s or i + 1 == len(starts):
                 done = writer.n_written - first

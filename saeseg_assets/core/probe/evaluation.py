@@ -13,7 +13,7 @@ import torch
 from ..data.cache import ActivationCache, Span, chunk_spans
 from ..store.artifacts import write_atomic
 from .metrics import ConfusionMatrix, grid_logits, patch_predictions, pixel_predictions
-from .model import Probe
+from .model import Probe, probe_field
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,14 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate_heads(cache: ActivationCache, W_HCD: torch.Tensor, b_HC: torch.Tensor, spans: Sequence[Span],
-                   device: torch.device | str = "cpu") -> list[Evaluation]:
-    """Confusion matrices of every head over the images in `spans`; each block is read once for all heads."""
+                   device: torch.device | str = "cpu", field: str = "activations") -> list[Evaluation]:
+    """Confusion matrices of every head over the images in `spans` (their tokens from the cache array `field`);
+    each block is read once for all heads."""
     W_HCD, b_HC = W_HCD.to(device), b_HC.to(device)
     finite_H = [bool(torch.isfinite(W_HCD[h]).all() and torch.isfinite(b_HC[h]).all()) for h in range(len(W_HCD))]
     evaluations = [Evaluation(ConfusionMatrix(device=device), ConfusionMatrix(device=device)) for _ in W_HCD]
     for a, b in spans:
-        acts_BPD = torch.from_numpy(cache.read("activations", a, b)).to(device, torch.float32)
+        acts_BPD = torch.from_numpy(cache.read(field, a, b)).to(device, torch.float32)
         pixel_labels_BHW = torch.from_numpy(cache.read("pixel_labels", a, b)).to(device)
         patch_labels_BP = torch.from_numpy(cache.read("patch_labels", a, b)).to(device).reshape(b - a, -1)
         logits_HBPC = torch.einsum("bpd,hcd->hbpc", acts_BPD, W_HCD) + b_HC[:, None, None]
@@ -44,8 +45,9 @@ def evaluate_heads(cache: ActivationCache, W_HCD: torch.Tensor, b_HC: torch.Tens
 
 
 def evaluate_probe(cache: ActivationCache, probe: Probe, device: torch.device | str = "cpu") -> Evaluation:
-    """The probe's confusion matrices over the whole cache."""
-    return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device)[0]
+    """The probe's confusion matrices over the whole cache, on the tokens it reads (`probe_layer` in its meta)."""
+    return evaluate_heads(cache, probe.weight_CD[None], probe.bias_C[None], chunk_spans(cache), device,
+                          probe_field(probe.layer))[0]
 
 
 FORMAT_VERSION = 1  # of baseline_metrics.csv and baseline_metrics.json

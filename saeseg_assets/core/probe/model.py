@@ -34,8 +34,18 @@ class Probe:
     def d_model(self) -> int:
         return self.weight_CD.shape[1]
 
+    @property
+    def layer(self) -> str:
+        """What it reads (SweepSettings.probe_layer); a probe trained elsewhere reads the SAE's layer."""
+        return str(self.meta.get("probe_layer", "sae"))
+
     def to(self, device: str | torch.device) -> Probe:
         return Probe(self.weight_CD.to(device), self.bias_C.to(device), self.meta)
+
+
+def probe_field(probe_layer: str) -> str:
+    """The cache array a probe of `probe_layer` (SweepSettings.probe_layer) reads."""
+    return {"sae": "activations", "final": "final_tokens"}[probe_layer]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .evaluation import evaluate_heads
 from .metrics import (
     N_OUTPUTS,
 )
-from .model import Probe
+from .model import Probe, probe_field
 
 
 def split_held_out(cache: ActivationCache, fraction: float, seed: int) -> tuple[list[Span], list[Span]]:
@@ -101,13 +101,14 @@ def train_heads(cache: ActivationCache, spans: Sequence[Span], config: SweepSett
     # One stream for all epochs; each fill's last short batch is kept, so every token is seen once per epoch.
     rng = np.random.default_rng(config.seed)
     label_field, to_targets = target_field(config, cache.grid)
+    acts_field = probe_field(config.probe_layer)
     loss_H = torch.full((len(grid),), math.nan)
     for epoch in range(config.epochs):
         loss_sum_H, n_batches = torch.zeros(len(grid), device=device), 0
         for batch in token_batches(cache, spans, config.batch_size, rng, buffer_images=config.buffer_images,
-                                   fields=("activations", label_field), per_token={label_field: to_targets},
+                                   fields=(acts_field, label_field), per_token={label_field: to_targets},
                                    remainder="yield"):
-            acts_ND = torch.from_numpy(batch["activations"].astype(np.float32)).to(device)
+            acts_ND = torch.from_numpy(batch[acts_field].astype(np.float32)).to(device)
             loss_H = sweep_losses(torch.stack(weights), torch.stack(biases), acts_ND,
                                   torch.from_numpy(batch[label_field]).to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -132,7 +133,7 @@ def train_sweep(cache: ActivationCache, config: SweepSettings, device: str = "cp
     log(f"probe sweep: {len(grid)} heads, {n_train} training images, {cache.n_images - n_train} held out, "
         f"{config.epochs} epochs, target {config.target}")
     W_HCD, b_HC, loss_H = train_heads(cache, train_spans, config, device, log)
-    evaluations = evaluate_heads(cache, W_HCD, b_HC, held_spans, device)
+    evaluations = evaluate_heads(cache, W_HCD, b_HC, held_spans, device, probe_field(config.probe_layer))
     table = pd.DataFrame({
         "lr": [lr for lr, _ in grid], "weight_decay": [wd for _, wd in grid],
         "selection_miou": [e.pixel.miou() for e in evaluations],
@@ -143,7 +144,7 @@ def train_sweep(cache: ActivationCache, config: SweepSettings, device: str = "cp
     table["selected"] = table.index == best
     seconds = time.perf_counter() - t0
     meta = {
-        "source": "trained", "lr": grid[best][0], "weight_decay": grid[best][1],
+        "source": "trained", "probe_layer": config.probe_layer, "lr": grid[best][0], "weight_decay": grid[best][1],
         "selection_miou": float(table["selection_miou"][best]), "sweep": table.to_dict(orient="records"),
         "train_cache": {"fingerprint": cache.fingerprint}, "config": config.model_dump(mode="json"),
         "n_train_images": n_train, "held_out_images": [list(s) for s in held_spans], "seconds": round(seconds, 2),

@@ -22,6 +22,18 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def rates_per_class_png(fig, ax, keys: list[str], title: str) -> bytes:
+    """Finishes and renders a plot of change rates per class (0 to 1, one tick per class key, legend outside)."""
+    ax.set_xticks(range(len(keys)), keys, rotation=60, ha="right", fontsize=9)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("share of patches changed", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     """Markdown that shows the PNG inline (the Dagster UI renders data URIs in markdown metadata)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -353,12 +353,40 @@ class ClassTable:
     rows: tuple[ClassRow, ...]
 
 
+@dataclass(frozen=True)
+class MechanismRow:
+    """A row of mechanisms.csv: one class evaluated under both mechanisms, at the configured setting (patch figures
+    with controls and intervals) and at each mechanism's own tuned setting (None: not tuned). Shortcut: the edit
+    taken into the probe at the SAE's layer; propagate: the edit carried through the rest of the ViT to the
+    final-layer probe."""
+
+    class_key: str
+    class_name: str
+    shortcut: SweepRow
+    propagate: SweepRow
+    shortcut_tuned: SweepRow | None
+    propagate_tuned: SweepRow | None
+
+
+@dataclass(frozen=True)
+class MechanismComparison:
+    """mechanisms.json: the classes evaluated under both mechanisms, side by side, and where they disagree."""
+
+    n_classes: int  # classes evaluated under both mechanisms
+    n_specific_shortcut: int  # class-specific at the configured setting, shortcut
+    n_specific_propagate: int  # the same under propagate
+    n_specific_tuned_shortcut: int  # class-specific at the class's tuned setting, shortcut
+    n_specific_tuned_propagate: int  # the same under propagate (its own, smaller tuning grid)
+    sentence: str  # the counts and the disagreements in words
+    rows: tuple[MechanismRow, ...]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The files
 
 
-def write_result(path: Path, record: ClassReport | StudySummary | ClassTable) -> None:
-    """report.json, summary.json or classes.json as strict JSON, written whole (NaN as null)."""
+def write_result(path: Path, record: ClassReport | StudySummary | ClassTable | MechanismComparison) -> None:
+    """report.json, summary.json, classes.json or mechanisms.json as strict JSON, written whole (NaN as null)."""
     write_atomic(Path(path), dumps(record, FORMAT_VERSION))
 
 

@@ -7,7 +7,7 @@ import colorsys
 
 import numpy as np
 
-from .pictures import figure_png, plt
+from .pictures import figure_png, plt, rates_per_class_png
 from .results import Interval, SettingCount, SpecificityGrid, SummaryRow, SweepRow
 
 FORMAT_VERSION = 3  # of the PNG pictures drawn here (a class's and the summary's); 2: intervals drawn; 3: trade-off
@@ -288,14 +288,8 @@ def change_rates_png(rows: list[SummaryRow], title: str) -> bytes:
                     capsize=2, zorder=2)
         ax.scatter(x + offset, values, color=colour, marker=marker, label=label, zorder=3,
                    facecolors=["tab:red" if s else "white" for s in specific] if marker == "o" else colour)
-    ax.set_xticks(x, keys, rotation=60, ha="right", fontsize=9)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("share of patches changed", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title + "\n(filled circle: class-specific; bars: 95% intervals over images)", fontsize=11)
-    fig.tight_layout()
-    return figure_png(fig)
+    return rates_per_class_png(fig, ax, keys, title + "\n(filled circle: class-specific; bars: 95% intervals over "
+                               "images)")
 
 
 def specific_counts_png(counts: list[SettingCount], n_classes: int, title: str) -> bytes:

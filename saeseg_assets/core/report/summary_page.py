@@ -14,6 +14,7 @@ from .html import (
     paragraph,
     png_img,
 )
+from .mechanisms import mechanism_note
 from .records import flat
 from .results import ClassReport, ClassRow, RuleRow, SettingCount, StudySummary
 from .tables import record_markdown
@@ -35,9 +36,11 @@ PHOTOS = {"class_examples", "examples", "gallery"}  # inlined as JPEG: a fractio
 
 
 def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str, bytes], reports: list[ClassReport],
-                 class_pictures: dict[str, dict[str, bytes]], provenance: dict[str, str] | None = None) -> str:
+                 class_pictures: dict[str, dict[str, bytes]], provenance: dict[str, str] | None = None,
+                 mechanisms: list[str] | None = None, propagated: dict[str, list[str]] | None = None) -> str:
     """`rows`: the classes table; `pictures`: by the names of SUMMARY_PICTURES; `class_pictures`: per class key,
-    pictures by the names of CLASS_PICTURES; `provenance`: where the numbers come from, item -> words."""
+    pictures by the names of CLASS_PICTURES; `provenance`: where the numbers come from, item -> words;
+    `mechanisms`: the section comparing the mechanisms; `propagated`: per class key, its section under propagate."""
     evaluated = [r for r in reports if r.evaluated]
     others = [r for r in reports if not r.evaluated]
     body = [heading(1, "SAE class suppression: summary"), paragraph(summary.result, "headline")]
@@ -58,12 +61,15 @@ def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str
         if name in pictures:
             body += [heading(2, title), png_img(pictures[name], title, name in PHOTOS)]
     body += [heading(2, "Figures"), figures_table(flat(summary.figures))]
+    body += mechanisms or []
     for report in evaluated:
         key = report.class_key
         # The sentence and its table of both settings with intervals, the pictures, then the long sweep.
         sentence, details = report_markdown(report).split("\n", 1)
         settings, sweep = details.split(SWEEP_MARK, 1) if SWEEP_MARK in details else (details, "")
-        body += [heading(2, f"{key}: {report.class_name}", key), paragraph(sentence), markdown_html(settings)]
+        body += [heading(2, f"{key}: {report.class_name}", key),
+                 paragraph(mechanism_note(report.config.mechanism), "muted"), paragraph(sentence),
+                 markdown_html(settings)]
         shown = {name: [heading(3, title), png_img(class_pictures[key][name], f"{key} {title}", name in PHOTOS)]
                  for name, title in CLASS_PICTURES.items() if name in class_pictures.get(key, {})}
         body += [fragment for name, fragments in shown.items() if name not in FOLDED_PICTURES
@@ -73,6 +79,7 @@ def summary_html(summary: StudySummary, rows: list[ClassRow], pictures: dict[str
             more.append(markdown_html(SWEEP_MARK + sweep))
         if more:
             body.append(folded(f"{key}: its latents' top training patches and the whole validation sweep", more))
+        body += (propagated or {}).get(key, [])
     if others:
         body += [heading(2, f"Classes not evaluated ({len(others)})"),
                  html_table([{"class": r.class_key, "name": r.class_name, "status": r.status, "reason": r.reason}

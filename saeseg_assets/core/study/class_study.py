@@ -12,7 +12,7 @@ import numpy as np
 from ..probe.metrics import ConfusionMatrix
 from ..report.results import ClassReport, Control, Measured, Selection, Setting, SweepRow, Tuning
 from ..settings import RULES, SuppressionSettings
-from .edit import LatentEffect
+from .edit import LatentEdit
 from .effect import effect_ranking
 from .logit_shift import ImageCounts
 from .measures import (
@@ -56,15 +56,18 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
         configured = measure(patches, selection.latents, setting, config, weights_RB, shared_RB)
         tuned = (tune(tuning, class_index, rankings, config) if tuning is not None else
                  Tuning("no_tuning_images", "no held-out training images were given"))
-        measured, per_rule = None, {}
+        measured, per_rule, dose = None, {}, ()
         if tuned.effect is not None:
             rankings = {**rankings, "effect": tuned.effect.latents}
         if tuned.chosen is not None:
             measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB, shared_RB)
+        # Under propagate every setting runs the backbone's tail: the per-rule settings and the validation sweep
+        # are left out (the configured and the tuned setting are measured in full).
+        if config.mechanism == "shortcut":
             per_rule = {rule: sweep_row(patches, row.setting, _top(rankings, row.setting), config, True, weights_RB,
                                         shared_RB) for rule, row in tuned.per_rule.items()}
-        dose = dose_response(patches, rankings.get(selection.rule) or selection.latents, selection.rule,
-                             len(selection.latents), config, weights_RB, shared_RB)
+            dose = dose_response(patches, rankings.get(selection.rule) or selection.latents, selection.rule,
+                                 len(selection.latents), config, weights_RB, shared_RB)
     return replace(report, configured=configured, tuning=tuned, tuned=measured, tuned_per_rule=per_rule,
                    dose_response=dose)
 
@@ -84,16 +87,16 @@ def _top(rankings: dict[str, tuple[int, ...]], setting: Setting) -> tuple[int, .
 # Patch level: one setting with its controls
 
 
-def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, config: SuppressionSettings,
-                       fixed_n: dict[str, int] | None = None) -> list[Setting]:
-    """Every (rule, N, mode, scale) of the sweep; N beyond a ranking's length is the whole ranking, counted once; a
+def candidate_settings(rankings: dict[str, tuple[int, ...]], rules, n_latents: tuple[int, ...],
+                       grid: list[tuple[str, float]], fixed_n: dict[str, int] | None = None) -> list[Setting]:
+    """Every (rule, N, mode, scale) of a sweep; N beyond a ranking's length is the whole ranking, counted once; a
     rule of `fixed_n` (the effect rule) only at its own N."""
     out = []
     for rule in rules:
         ranking = rankings.get(rule) or ()
-        numbers = (fixed_n[rule],) if rule in (fixed_n or {}) else config.n_latents
+        numbers = (fixed_n[rule],) if rule in (fixed_n or {}) else n_latents
         for n in sorted({min(n, len(ranking)) for n in numbers} - {0}):
-            out += [Setting(rule, n, mode, scale) for mode, scale in config.dose_grid()]
+            out += [Setting(rule, n, mode, scale) for mode, scale in grid]
     return out
 
 
@@ -107,7 +110,7 @@ def sweep_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...],
                          shared_RB=shared_RB)
 
 
-def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEffect,
+def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEdit,
                   changed: Changed, config: SuppressionSettings, with_controls: bool,
                   weights_RB: np.ndarray | None = None, shared_RB: np.ndarray | None = None) -> SweepRow:
     """The change rates and target accuracy of an edit; with controls, each control over its seeds and the verdict
@@ -174,19 +177,21 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
         if patches.n_target == 0:
             return Tuning("absent_from_tuning_images",
                           "no held-out training patch has this class as its majority label")
+        n_latents, grid, n_candidates = config.tuning_grid()
         effect = fixed_n = None
-        if "effect" in config.tuning_rules:
+        # The effect rule scores hundreds of latent sets: under propagate each would run the backbone's tail.
+        if "effect" in config.tuning_rules and config.mechanism == "shortcut":
             effect = effect_ranking(patches, {r: rankings[r] for r in RULES if rankings.get(r)}, config)
             rankings, fixed_n = {**rankings, "effect": effect.latents}, {"effect": effect.n_chosen}
         rows = [sweep_row(patches, setting, _top(rankings, setting), config, False)
-                for setting in candidate_settings(rankings, config.tuning_rules, config, fixed_n)]
+                for setting in candidate_settings(rankings, config.tuning_rules, n_latents, grid, fixed_n)]
         best, per_rule = None, {}
         for rule in config.tuning_rules:
             mine = [r for r in rows if r.setting.rule == rule]
             mine.sort(key=lambda r: (r.other_change_rate <= config.max_other_change,
                                      r.target_change_rate - r.other_change_rate), reverse=True)
             checked = [sweep_row(patches, r.setting, _top(rankings, r.setting), config, True)
-                       for r in mine[:config.tuning_candidates]]
+                       for r in mine[:n_candidates]]
             if checked:
                 per_rule[rule] = max(checked, key=lambda r: _preference(r, config))
                 if best is None or _preference(per_rule[rule], config) > _preference(best, config):
@@ -228,4 +233,4 @@ def dose_response(patches: ClassPatches, ranking: tuple[int, ...], rule: str, co
     too (these give the counts per setting and the optimistic `n_specific_oracle`)."""
     return tuple(sweep_row(patches, setting, tuple(ranking[:setting.n_latents]), config,
                            setting.n_latents == configured_n, weights_RB, shared_RB)
-                 for setting in candidate_settings({rule: ranking}, (rule,), config))
+                 for setting in candidate_settings({rule: ranking}, (rule,), config.n_latents, config.dose_grid()))

@@ -12,36 +12,29 @@ from .logit_shift import LogitShift, RowTerm
 from .model import SuppressionModel
 
 
-class LatentEffect:
-    """What suppressing one latent set does to the probe's logits, computed once for every scale, mode and control
-    of the set. With v_L = scale x max activation, the edit's coefficients are (v_i - f_i) on the tokens `tokens_U`
-    where a chosen latent fires, and v_L (every_token mode) or 0 (where_active mode) on every other token; its logit
-    delta is the coefficients times P_LC = W_dec[L] W_probe^T, exact because the probe is linear:
-    scale x unit_C + own (= -codes_UL P_LC) on `tokens_U`, scale x unit_C (or 0) elsewhere."""
+class LatentEdit:
+    """What suppressing one latent set does at the SAE's layer, for every scale and mode: with v_L = scale x max
+    activation, the edit's coefficients are (v_i - f_i) on the tokens `tokens_U` where a chosen latent fires, and v_L
+    (every_token mode) or 0 (where_active mode) on every other token; the edit is the coefficients times W_dec[L].
+    Its norm on each token, for the random-direction control, comes from the Gram matrix of the chosen rows."""
 
     def __init__(self, model: SuppressionModel, latents: tuple[int, ...]):
         self.latents = tuple(latents)
         index = list(self.latents)
         self.max_L = model.max_activation_S[index]
-        self.tokens_U, codes_UL = model.codes.columns(self.latents)
-        P_LC = model.decoder_logits(self.latents)
-        self.unit_C = self.max_L @ P_LC if self.latents else torch.zeros(N_OUTPUTS)
-        # On the tokens where they fire, the latents' own contribution leaves: -codes_UL P_LC.
-        self.own = RowTerm(-codes_UL, P_LC) if self.latents else RowTerm(torch.zeros(0, N_OUTPUTS))
-        self._rows: dict[float, dict] = {}  # per scale, the rows' predictions, the same in both modes
+        self.tokens_U, self.codes_UL = model.codes.columns(self.latents)
         # The edit's norm on each token, ||sum_i a_i W_dec[i]|| with a = v - f, through the Gram matrix G:
         # a G a = scale^2 (m G m) - 2 scale (f G m) + f G f.
         W_LD = model.W_dec_SD[index]
         G_LL = W_LD @ W_LD.T
         self.mGm = float(self.max_L @ G_LL @ self.max_L) if self.latents else 0.0
-        self.fGm_U = codes_UL @ (G_LL @ self.max_L) if self.latents else torch.zeros(0)
-        self.fGf_U = ((codes_UL @ G_LL) * codes_UL).sum(1) if self.latents else torch.zeros(0)
+        self.fGm_U = self.codes_UL @ (G_LL @ self.max_L) if self.latents else torch.zeros(0)
+        self.fGf_U = ((self.codes_UL @ G_LL) * self.codes_UL).sum(1) if self.latents else torch.zeros(0)
 
     @property
     def size_bytes(self) -> int:
-        """Roughly what it holds: the codes, the own term at each token's best classes, the rows' predictions."""
-        U = len(self.tokens_U)
-        return U * (4 * len(self.latents) + 4 * 10 + 8 * len(self._rows))
+        """Roughly what it holds: the codes and per-token terms."""
+        return len(self.tokens_U) * (4 * len(self.latents) + 8)
 
     @property
     def n_tokens(self) -> int:
@@ -52,18 +45,38 @@ class LatentEffect:
         """v_L: what each latent is set to."""
         return scale * self.max_L
 
-    def shift(self, scale: float, mode: str) -> LogitShift:
-        """The edit in logit space."""
+    def norms(self, scale: float, mode: str) -> tuple[float, torch.Tensor]:
+        """The edit's norm on the other tokens (one number) and on `tokens_U`."""
+        rest = abs(scale) * math.sqrt(max(self.mGm, 0.0)) if mode == "every_token" else 0.0
+        return rest, (scale * scale * self.mGm - 2 * scale * self.fGm_U + self.fGf_U).clamp(min=0).sqrt()
+
+
+class LatentEffect(LatentEdit):
+    """The shortcut: the edit taken exactly into the probe's logits, computed once for every scale, mode and control
+    of the set. Its logit delta is the edit's coefficients times P_LC = W_dec[L] W_probe^T, exact because the probe
+    is linear: scale x unit_C + own (= -codes_UL P_LC) on `tokens_U`, scale x unit_C (or 0) elsewhere."""
+
+    def __init__(self, model: SuppressionModel, latents: tuple[int, ...]):
+        super().__init__(model, latents)
+        P_LC = model.decoder_logits(self.latents)
+        self.unit_C = self.max_L @ P_LC if self.latents else torch.zeros(N_OUTPUTS)
+        # On the tokens where they fire, the latents' own contribution leaves: -codes_UL P_LC.
+        self.own = RowTerm(-self.codes_UL, P_LC) if self.latents else RowTerm(torch.zeros(0, N_OUTPUTS))
+        self._rows: dict[float, dict] = {}  # per scale, the rows' predictions, the same in both modes
+
+    @property
+    def size_bytes(self) -> int:
+        """Roughly what it holds: the codes, the own term at each token's best classes, the rows' predictions."""
+        U = len(self.tokens_U)
+        return U * (4 * len(self.latents) + 4 * 10 + 8 * len(self._rows))
+
+    def shift(self, scale: float, mode: str, images: list[int] | None = None) -> LogitShift:
+        """The edit in logit space (on every token: `images`, those a caller reads, saves nothing here)."""
         if not self.latents:
             return LogitShift.zero()
         unit_C = scale * self.unit_C
         return LogitShift(unit_C if mode == "every_token" else torch.zeros(N_OUTPUTS), self.tokens_U, unit_C,
                           self.own, self._rows.setdefault(float(scale), {}))
-
-    def norms(self, scale: float, mode: str) -> tuple[float, torch.Tensor]:
-        """The edit's norm on the other tokens (one number) and on `tokens_U`."""
-        rest = abs(scale) * math.sqrt(max(self.mGm, 0.0)) if mode == "every_token" else 0.0
-        return rest, (scale * scale * self.mGm - 2 * scale * self.fGm_U + self.fGf_U).clamp(min=0).sqrt()
 
     def direction_shift(self, model: SuppressionModel, direction_D: torch.Tensor, scale: float,
                         mode: str) -> LogitShift:
@@ -71,6 +84,13 @@ class LatentEffect:
         rest, norms_U = self.norms(scale, mode)
         q_C = model.probe_W_CD @ direction_D
         return LogitShift(rest * q_C, self.tokens_U, torch.zeros(N_OUTPUTS), RowTerm(norms_U[:, None], q_C[None, :]))
+
+    def control_shifts(self, model: SuppressionModel, random_effects: list[LatentEffect],
+                       directions: list[torch.Tensor], scale: float,
+                       mode: str) -> tuple[list[LogitShift], list[LogitShift]]:
+        """The controls' shifts: each random latent set's edit at this setting, and each random direction's."""
+        return ([e.shift(scale, mode) for e in random_effects],
+                [self.direction_shift(model, d, scale, mode) for d in directions])
 
 
 def edited_activations(sae, x_ND: torch.Tensor, latents: tuple[int, ...], values_L: torch.Tensor,

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..report.results import Measured
-from .edit import LatentEffect
 from .logit_shift import LogitShift
 from .model import SuppressionModel
 
@@ -47,7 +46,7 @@ def class_examples(model: SuppressionModel, class_index: int, settings: dict[str
               "ground_truth": model.pixel_labels_BHW[images].numpy().astype(np.uint8),
               "baseline": model.codes.pixel_pred_BHW[images].numpy().astype(np.uint8)}
     for name, measured in settings.items():
-        shift = LatentEffect(model, measured.latents).shift(measured.setting.scale, measured.setting.mode)
+        shift = model.effect(measured.latents).shift(measured.setting.scale, measured.setting.mode, images)
         arrays[name] = example_predictions(model, shift, images, crop).numpy().astype(np.uint8)
     rgb = [load_rgb(image_ids[i]) if load_rgb else None for i in images]
     arrays["has_rgb"] = np.asarray([image is not None for image in rgb])

@@ -11,7 +11,7 @@ import torch
 
 from ..settings import SuppressionSettings
 from .controls import control_draws
-from .edit import LatentEffect
+from .edit import LatentEdit
 from .logit_shift import LogitShift
 from .measures import ratio
 from .model import SuppressionModel
@@ -43,7 +43,7 @@ class ClassPatches:
         self.target_B, self.other_B = self._per_image(target_T), self._per_image(other_T)
         self.target_hits = int((model.patch.pred_N[target_T] == class_index).sum())
         self._draws: dict[tuple[int, ...], list] = {}
-        self._effects: OrderedDict[tuple[int, ...], LatentEffect] = OrderedDict()
+        self._effects: OrderedDict[tuple[int, ...], LatentEdit] = OrderedDict()
         self._changed: OrderedDict[tuple, Changed] = OrderedDict()
 
     def _per_image(self, tokens_T: torch.Tensor) -> np.ndarray:
@@ -59,20 +59,20 @@ class ClassPatches:
                                                  self.class_index, latents, config)
         return self._draws[latents]
 
-    def effect(self, latents: tuple[int, ...]) -> LatentEffect:
+    def effect(self, latents: tuple[int, ...]) -> LatentEdit:
         """The latent set's effect, from the cache where it was made before (least recently used ones dropped)."""
         latents = tuple(latents)
         if latents in self._effects:
             self._effects.move_to_end(latents)
             return self._effects[latents]
-        effect = self._effects[latents] = LatentEffect(self.model, latents)
+        effect = self._effects[latents] = self.model.effect(latents)
         size = sum(e.size_bytes for e in self._effects.values())
         while len(self._effects) > 1 and size > EFFECT_CACHE_BYTES:
             _, dropped = self._effects.popitem(last=False)
             size -= dropped.size_bytes
         return effect
 
-    def edit(self, latents: tuple[int, ...], mode: str, scale: float) -> tuple[LatentEffect, Changed]:
+    def edit(self, latents: tuple[int, ...], mode: str, scale: float) -> tuple[LatentEdit, Changed]:
         """The effect of a latent set, and what its edit at (mode, scale) changes (kept: the sweep, the tuning's
         checks and the validation measures meet the same settings)."""
         effect, key = self.effect(latents), (tuple(latents), mode, float(scale))
@@ -89,15 +89,13 @@ class ClassPatches:
         return Changed(tokens_X, pred_X, self._per_image(tokens_X[target]),
                        self._per_image(tokens_X[(labels_X != 0) & ~target]))
 
-    def controls(self, effect: LatentEffect, draws: list, scale: float,
+    def controls(self, effect: LatentEdit, draws: list, scale: float,
                  mode: str) -> tuple[list[Changed], list[Changed]]:
         """Per seed, what the random latents (matched in frequency) change, and what a random unit direction given
         the edit's own norm on every token changes."""
-        random_latents, random_direction = [], []
-        for latents, direction_D in draws:
-            random_latents.append(self.changed(self.effect(latents).shift(scale, mode)))
-            random_direction.append(self.changed(effect.direction_shift(self.model, direction_D, scale, mode)))
-        return random_latents, random_direction
+        latent_shifts, direction_shifts = effect.control_shifts(
+            self.model, [self.effect(latents) for latents, _ in draws], [d for _, d in draws], scale, mode)
+        return [self.changed(s) for s in latent_shifts], [self.changed(s) for s in direction_shifts]
 
     def predictions(self, changed: Changed) -> torch.Tensor:
         """Every token's patch prediction after the edit."""

@@ -203,9 +203,9 @@ class SuppressionSettings(StageSettings):
     tuning_rules: tuple[str, ...] = Field(TUNING_RULES, description="Ranking rules the tuning may choose among; "
                                           "'effect' chooses latents by what suppressing them does on the tuning "
                                           "images, its number of latents fixed where adding one stops helping.")
-    effect_pool: int = Field(30, description="The effect rule scores this many candidates alone, taken in turn "
+    effect_pool: int = Field(20, description="The effect rule scores this many candidates alone, taken in turn "
                              "from the other rules' rankings.")
-    effect_greedy: int = Field(8, description="The effect rule builds its set from this many best-scoring "
+    effect_greedy: int = Field(6, description="The effect rule builds its set from this many best-scoring "
                                "candidates, and stops at this many latents.")
     effect_margin: float = Field(0.02, description="The effect rule adds a latent only if it raises the set's best "
                                  "target minus other change rate on the tuning images by at least this.")

@@ -146,12 +146,15 @@ class World:
 
 
 def shared_assets() -> list[str]:
-    """The unpartitioned assets above the class reports and the summary (which reads the probe's baseline too): what
-    `make demo` materializes before the classes."""
+    """The unpartitioned assets above the class reports (CLASSWISE, the shortcut study) and the summary (which reads
+    the probe's baseline too). The final-layer probe only feeds the propagated study, which these tests leave out
+    (the summary reads it where it exists): the tiny world's 4 training images are one chunk, too few to select it."""
     import saeseg_assets
 
     graph = saeseg_assets.defs.resolve_asset_graph()
-    above = dg.AssetSelection.assets("suppression_summary").upstream().resolve(graph)
+    above = (dg.AssetSelection.assets("suppression_summary").upstream()
+             - dg.AssetSelection.assets("propagated_report").upstream(include_self=False)
+             | dg.AssetSelection.assets(*CLASSWISE.split(",")).upstream()).resolve(graph)
     return sorted(k.to_user_string() for k in above
                   if graph.get(k).partitions_def is None and k.to_user_string() != "suppression_summary")
 

@@ -191,6 +191,12 @@ def test_ui_shows_the_graph_and_partitions_and_launches_a_class(servers, tmp_pat
             dismiss_newsletter(page)
             page.mouse.click(1100, 900, button="right")  # the graph's own menu
             page.get_by_role("menuitem", name="Expand all groups").click()
+            # The expanded graph is taller than the window, and the graph draws only the assets in view: zoom out.
+            page.mouse.move(1100, 600)
+            page.keyboard.down("Control")
+            page.mouse.wheel(0, 120)
+            page.wait_for_timeout(500)
+            page.keyboard.up("Control")
             for name in ("train_activations", "sae_weights", "probe_checkpoint", "baseline_metrics", "latent_stats",
                          "class_latents", "val_codes", "suppression_report"):
                 page.get_by_text(name, exact=True).first.wait_for()

@@ -268,5 +268,5 @@ class SuppressionSettings(StageSettings):
         return (f"class-specific: at least {self.min_target_change:.0%} of the class's patches change prediction, at "
                 f"least {self.other_factor:g}x the change rate of the other patches, and at least "
                 f"{self.control_factor:g}x the largest change rate of any single control draw (random latents "
-                f"matched in firing frequency, or a random direction of the same norm; {self.control_seeds} seeds "
-                "each)")
+                f"matched in firing frequency, or a random direction of the same norm; {self.control_seeds} "
+                f"seed{'s' * (self.control_seeds != 1)} each)")

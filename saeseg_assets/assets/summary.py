@@ -237,7 +237,7 @@ def _summary_metadata(folder) -> dict:
         StudySummary,
         read_result,
     )
-    from ..core.report.summary_page import REPORT_HTML, SUMMARY_PICTURES
+    from ..core.report.summary_page import SUMMARY_PICTURES
     from ..core.report.tables import markdown_table, record_markdown
     from ..core.report.text import CLASS_TABLE_NOTES
 

@@ -14,7 +14,6 @@ from .results import (
     ClassRow,
     DoseRow,
     Interval,
-    Measured,
     RuleRow,
     SettingCount,
     SpecificityGrid,

@@ -3,8 +3,6 @@ markdown tables), the examples' settings, and the summary's headline sentence.""
 
 from __future__ import annotations
 
-import math
-
 from .results import (
     CLASSES,
     CLASSES_TUNED,

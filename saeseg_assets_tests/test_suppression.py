@@ -26,12 +26,16 @@ from saeseg_assets.core.study.codes import compute_codes
 from saeseg_assets.core.study.controls import control_draws, matched_latents, smallest
 from saeseg_assets.core.study.edit import LatentEffect, edited_activations
 from saeseg_assets.core.study.examples import validation_crops
+from saeseg_assets.core.study import logit_shift
 from saeseg_assets.core.study.logit_shift import (
     ImageCounts,
     LogitShift,
     PatchBaseline,
     PixelBaseline,
+    RayExit,
+    RowTerm,
 )
+from saeseg_assets.core.study.patches import ClassPatches
 from saeseg_assets.core.study.measures import is_class_specific
 from saeseg_assets.core.study.model import SuppressionModel
 
@@ -196,6 +200,67 @@ def test_fast_evaluation_equals_full_recomputation():
         after = pixel_predictions(grid_logits(dense.reshape(n_images, -1, 151), grid), crop)
         own = ImageCounts(3, pixel_labels, after)
         assert int((own.pred_B - per_image.pred_B).abs().sum() + (own.tp_B - per_image.tp_B).abs().sum()) <= 2
+
+
+def test_candidates_found_either_way_give_the_same_moves(monkeypatch):
+    # The candidates of a shift by binary search in the (prediction, margin) order, or by one pass over the margins
+    # (many candidates), settled in blocks of 7 tokens: the moves equal the full recomputation's either way.
+    gen = torch.Generator().manual_seed(5)
+    logits_NC = torch.randn(300, 151, generator=gen) * 2
+    logits_NC[:40, 7] = logits_NC[:40, 1:].amax(1)  # ties: the lower class wins
+    patch = PatchBaseline.build(logits_NC, torch.randint(0, 6, (300,), generator=gen))
+    monkeypatch.setattr(logit_shift, "SETTLE_BLOCK", 7)
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(logit_shift, "SPARSE_SHARE", share)
+        for scale, n_rows in [(0.3, 0), (3.0, 11), (30.0, 50)]:
+            rows = torch.unique(torch.randint(0, 300, (n_rows,), generator=gen))
+            d_C = torch.randn(151, generator=gen) * scale
+            shift = LogitShift(d_C, rows, d_C, RowTerm(torch.randn(len(rows), 2, generator=gen),
+                                                      torch.randn(2, 151, generator=gen)))
+            dense = patch_predictions(logits_NC + shift.dense(torch.arange(300)))
+            assert torch.equal(patch.predictions_after(shift), dense), (share, scale)
+
+
+def test_a_direction_decides_every_length_as_the_full_recomputation():
+    # Shifts t_n q along one direction: the ray's exits decide every token at every length as the argmax of
+    # logits + t_n q does, ties and exact exits included (those are recomputed).
+    gen = torch.Generator().manual_seed(6)
+    logits_NC = torch.randn(400, 151, generator=gen)
+    q_C = torch.randn(151, generator=gen)
+    logits_NC[:20, 9] = logits_NC[:20, 1:].amax(1)  # ties at the baseline
+    patch = PatchBaseline.build(logits_NC, torch.zeros(400, dtype=torch.long))
+    ray = RayExit.build(patch, q_C)
+    # By hand, one token: predicted p, the first class to catch it along q at (l_p - l_c) / (q_c - q_p).
+    p = int(patch.pred_N[100])
+    rise = q_C[1:] - q_C[p]
+    gap = logits_NC[100, p] - logits_NC[100, 1:]
+    expected = min(float(g / r) for g, r in zip(gap, rise) if r > 0)
+    assert abs(float(ray.exit_N[100]) - expected) < 1e-5 * (1 + expected)
+    for trial in range(6):
+        t_N = torch.rand(400, generator=gen) * 4 * trial
+        t_N[::7] = 0.0
+        t_N[3:9] = ray.exit_N[3:9].clamp(max=1e3)  # exactly at the exit
+        shift = LogitShift(torch.zeros(151), torch.arange(400), torch.zeros(151),
+                           RowTerm(t_N[:, None], q_C[None, :]))
+        changed = ray.changed(patch, t_N, shift)
+        assert torch.equal(changed, patch_predictions(logits_NC + t_N[:, None] * q_C) != patch.pred_N), trial
+
+
+def test_direction_controls_from_the_ray_equal_their_shifts(tmp_path):
+    _, _, _, model = tiny_world(tmp_path)
+    config = SuppressionSettings(control_seeds=3)
+    for class_index in (1, 2):
+        patches = ClassPatches(model, class_index)
+        for latents in [(0,), (0, 1)]:
+            for mode in MODES:
+                for scale in (-2.0, -0.5, 0.0):
+                    effect, _ = patches.edit(latents, mode, scale)
+                    draws = patches.draws(latents, config)
+                    _, directions = patches.controls(effect, draws, scale, mode)
+                    shifts = effect.control_shifts(model, [], [d for _, d in draws], scale, mode)[1]
+                    for ray, shift in zip(directions, shifts):
+                        assert torch.equal(ray.tokens_X, patches.changed(shift).tokens_X.sort().values)
+                        assert np.array_equal(ray.target_B, patches.changed(shift).target_B)
 
 
 def test_controls_are_deterministic_and_frequency_matched(tmp_path):

@@ -68,7 +68,7 @@ class LatentEffect(LatentEdit):
     def size_bytes(self) -> int:
         """Roughly what it holds: the codes, the own term at each token's best classes, the rows' predictions."""
         U = len(self.tokens_U)
-        return U * (4 * len(self.latents) + 4 * 10 + 8 * len(self._rows))
+        return U * (4 * len(self.latents) + 4 * 14 + 8 * len(self._rows))
 
     def shift(self, scale: float, mode: str, images: list[int] | None = None) -> LogitShift:
         """The edit in logit space (on every token: `images`, those a caller reads, saves nothing here)."""
@@ -84,6 +84,13 @@ class LatentEffect(LatentEdit):
         rest, norms_U = self.norms(scale, mode)
         q_C = model.probe_W_CD @ direction_D
         return LogitShift(rest * q_C, self.tokens_U, torch.zeros(N_OUTPUTS), RowTerm(norms_U[:, None], q_C[None, :]))
+
+    def direction_lengths(self, n_tokens: int, scale: float, mode: str) -> torch.Tensor:
+        """The random-direction control's length on every token (its shift is that times the direction's logits)."""
+        rest, norms_U = self.norms(scale, mode)
+        t_N = torch.full((n_tokens,), rest, dtype=torch.float32)
+        t_N[self.tokens_U] = norms_U
+        return t_N
 
     def control_shifts(self, model: SuppressionModel, random_effects: list[LatentEffect],
                        directions: list[torch.Tensor], scale: float,

@@ -16,6 +16,8 @@ from .windows import WindowGeometry, contested_predictions
 RELATIVE_TOLERANCE = 1e-5
 CHUNK_VALUES = 1 << 22  # logit values held at once per image chunk
 DENSE_SHARE = 0.25  # above this share of windows to recompute, pool the whole logit grid instead of gathering
+SPARSE_SHARE = 0.05  # above this share of tokens as candidates, find them by one pass over the margins
+SETTLE_BLOCK = 1 << 15  # candidate tokens settled at once
 
 
 class RowTerm:
@@ -26,6 +28,7 @@ class RowTerm:
     def __init__(self, coef_MR: torch.Tensor, basis_RC: torch.Tensor | None = None):
         self.coef_MR, self.basis_RC = coef_MR, basis_RC
         self._top: tuple | None = None
+        self.rows_terms: tuple | None = None  # kept by `PatchBaseline._row_terms` for the rows of one baseline
         self._at: dict = {}
 
     def full(self, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,62 +147,84 @@ class PatchBaseline:
                    order_N, margin_N[order_N] + pred_N[order_N].double() * span, start_P, span,
                    RELATIVE_TOLERANCE * (1.0 + scale))
 
-    def candidates(self, d_C: torch.Tensor, tol: float) -> torch.Tensor:
-        """The tokens a shift d_C on every token might move: margin <= max_{c != p} d_c - d_p + tol (p predicted)."""
+    def limits(self, d_C: torch.Tensor, tol: float) -> torch.Tensor:
+        """Per predicted class p, the largest margin a shift d_C on every token may overcome: max_{c != p} d_c - d_p
+        + tol ([151], -inf for p = 0, never predicted)."""
         limit_P = self._loss(d_C.double()) + tol
         limit_P[0] = -math.inf
+        return limit_P
+
+    def candidates(self, limit_P: torch.Tensor) -> torch.Tensor:
+        """The tokens a shift might move, margin <= limit_P[prediction], ascending: a binary search per class."""
         classes_P = torch.arange(N_OUTPUTS, dtype=torch.float64)
         end_P = torch.searchsorted(self.key_N, limit_P + classes_P * self.span, right=True)
         start_P, stop_P = self.start_P[:-1], self.start_P[1:]
         count_P = (torch.minimum(end_P, stop_P) - start_P).clamp(min=0)
+        if int(count_P.sum()) > SPARSE_SHARE * len(self.pred_N):
+            # Many: one pass over the tokens' margins is cheaper than gathering them from the sorted order.
+            return (self.margin_N.double() <= limit_P[self.pred_N]).nonzero().squeeze(1)
         first_P = torch.cumsum(count_P, 0) - count_P
         slot_X = torch.arange(int(count_P.sum())) + torch.repeat_interleave(start_P - first_P, count_P)
-        return self.order_N[slot_X]
+        return self.order_N[slot_X].sort().values
 
     def moved(self, shift: LogitShift) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, new predictions) of the tokens whose argmax over 1..150 of logits + delta differs from the
-        baseline's; every other token keeps its prediction."""
+        baseline's; every other token keeps its prediction. Candidates are settled in blocks of consecutive tokens
+        (ascending token order keeps every gather within a small stretch of memory)."""
         d_C = shift.shift_C
         tokens, preds = [], []
         if bool(d_C.any()):
             tol = self.tolerance + RELATIVE_TOLERANCE * float(d_C.abs().max())
-            cand_X = self.candidates(d_C, tol)
+            cand_X = self.candidates(self.limits(d_C, tol))
             if len(shift.rows_M):
-                cand_X = cand_X[~torch.isin(cand_X, shift.rows_M)]
-            pred_X, settled_X = self._settle(cand_X, d_C, tol)
-            redo = (~settled_X).nonzero().squeeze(1)
-            if len(redo):
-                pred_X[redo] = patch_predictions(self.logits_NC[cand_X[redo]] + d_C)
-            tokens.append(cand_X)
-            preds.append(pred_X)
+                row_N = torch.zeros(len(self.pred_N), dtype=torch.bool)
+                row_N[shift.rows_M] = True
+                cand_X = cand_X[~row_N[cand_X]]
+            for a in range(0, len(cand_X), SETTLE_BLOCK):
+                block_X = cand_X[a:a + SETTLE_BLOCK]
+                pred_X, settled_X = self._settle(block_X, d_C, tol)
+                redo = (~settled_X).nonzero().squeeze(1)
+                if len(redo):
+                    pred_X[redo] = patch_predictions(self.logits_NC[block_X[redo]] + d_C)
+                keep = pred_X != self.pred_N[block_X]
+                tokens.append(block_X[keep])
+                preds.append(pred_X[keep])
         if len(shift.rows_M):
             if "pred_M" not in shift.rows_memo:
                 shift.rows_memo["pred_M"] = self._row_predictions(shift)
-            tokens.append(shift.rows_M)
-            preds.append(shift.rows_memo["pred_M"])
+            keep = shift.rows_memo["pred_M"] != self.pred_N[shift.rows_M]
+            tokens.append(shift.rows_M[keep])
+            preds.append(shift.rows_memo["pred_M"][keep])
         if not tokens:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-        tokens_X, pred_X = torch.cat(tokens), torch.cat(preds)
-        keep = pred_X != self.pred_N[tokens_X]
-        return tokens_X[keep], pred_X[keep]
+        return torch.cat(tokens), torch.cat(preds)
 
     def _row_predictions(self, shift: LogitShift) -> torch.Tensor:
         """The rows' predictions: those whose margin exceeds what their delta can take from their prediction keep
         it; the others are settled among their best classes, or recomputed."""
         rows_M, row_C, own = shift.rows_M, shift.row_C, shift.own
-        own_MK, own_max_M, own_abs = own.top(self.top_classes_NK[rows_M])
+        pred_M, margin_M, own_MK, own_max_M, own_abs, own_pred_M = self._row_terms(shift)
         tol = self.tolerance + RELATIVE_TOLERANCE * (float(row_C.abs().max()) + own_abs)
-        pred_M = self.pred_N[rows_M].clone()
-        own_pred_M = own_MK.gather(1, self.pred_position_N[rows_M].long()[:, None])[:, 0]
-        loss_M = self._loss(row_C)[pred_M] + own_max_M - own_pred_M
-        open_R = (self.margin_N[rows_M] <= loss_M + tol).nonzero().squeeze(1)
+        open_R = (margin_M <= self._loss(row_C)[pred_M] + (own_max_M - own_pred_M) + tol).nonzero().squeeze(1)
         rows_R = rows_M[open_R]
         pred_R, settled_R = self._settle(rows_R, row_C, tol, own_MK[open_R], own, own_max_M[open_R], open_R)
         redo = (~settled_R).nonzero().squeeze(1)
         if len(redo):
             pred_R[redo] = patch_predictions(self.logits_NC[rows_R[redo]] + row_C + own.full(open_R[redo]))
+        pred_M = pred_M.clone()
         pred_M[open_R] = pred_R
         return pred_M
+
+    def _row_terms(self, shift: LogitShift) -> tuple:
+        """The rows' baseline predictions and margins, and their own term at their best classes, at the prediction
+        and at its largest: made once per own term (a latent set's serves every scale of its edit)."""
+        own = shift.own
+        if own.rows_terms is None:
+            rows_M = shift.rows_M
+            own_MK, own_max_M, own_abs = own.top(self.top_classes_NK[rows_M])
+            own_pred_M = own_MK.gather(1, self.pred_position_N[rows_M].long()[:, None])[:, 0]
+            own.rows_terms = (self.pred_N[rows_M], self.margin_N[rows_M], own_MK, own_max_M, own_abs, own_pred_M)
+        return own.rows_terms
 
     @staticmethod
     def _loss(d_C: torch.Tensor) -> torch.Tensor:
@@ -219,7 +244,7 @@ class PatchBaseline:
         raised = d_C[1:].topk(min(self.TOP + 1, len(d_C) - 1))
         classes_J, next_d = raised.indices[:self.TOP] + 1, raised.values[-1]
         values_XK = self.top_logits_NK[tokens_X] + d_C[top_XK]
-        values_XJ = (self.logits_CN[classes_J][:, tokens_X] + d_C[classes_J, None]).T
+        values_XJ = (self.logits_CN[classes_J[:, None], tokens_X] + d_C[classes_J, None]).T
         bound_X = self.floor_N[tokens_X] + next_d
         if own is not None:
             values_XK = values_XK + own_XK
@@ -241,6 +266,52 @@ class PatchBaseline:
         pred_N = self.pred_N.clone()
         pred_N[tokens_X] = pred_X
         return pred_N
+
+
+@dataclass(frozen=True)
+class RayExit:
+    """Where each token's prediction leaves along one logit direction q_C, for shifts t_n q_C with t_n >= 0 per token
+    (the random-direction control: the same direction at every setting, only its length per token changes). The
+    baseline prediction p stays the argmax while t < t*_n = min over classes c with q_c > q_p of
+    (l_p - l_c) / (q_c - q_p), and is lost beyond it (the argmax of lines in t leaves a line once, for good). Built
+    once per direction, it decides every setting by a comparison; tokens whose decision the rounding of the summed
+    logits could change are recomputed from the shift's own deltas."""
+
+    exit_N: torch.Tensor  # t*_n (inf where no class gains on p along q)
+    slope_N: torch.Tensor  # q_c - q_p of the class that catches p at t*_n: how fast the margin closes beyond it
+    q_max: float  # max |q_c|
+
+    BLOCK = 1 << 12  # tokens per block of the one pass
+
+    @classmethod
+    def build(cls, patch: PatchBaseline, q_C: torch.Tensor) -> RayExit:
+        exits, slopes = [], []
+        q_P = q_C[1:].float()
+        for a in range(0, len(patch.pred_N), cls.BLOCK):
+            logits_TP, pred_T = patch.logits_NC[a:a + cls.BLOCK, 1:], patch.pred_N[a:a + cls.BLOCK] - 1
+            gap_TP = logits_TP.gather(1, pred_T[:, None]) - logits_TP  # l_p - l_c >= 0
+            rise_TP = q_P[None, :] - q_P[pred_T][:, None]  # q_c - q_p
+            exit_T, at_T = torch.where(rise_TP > 0, gap_TP / rise_TP, math.inf).min(1)
+            exits.append(exit_T)
+            slopes.append(rise_TP.gather(1, at_T[:, None])[:, 0])
+        empty = torch.zeros(0)
+        return cls(torch.cat(exits) if exits else empty, torch.cat(slopes) if slopes else empty,
+                   float(q_C.abs().max()))
+
+    def changed(self, patch: PatchBaseline, t_N: torch.Tensor, shift: LogitShift) -> torch.Tensor:
+        """Whether each token's prediction changes under `shift`, which is t_N q_C: kept where its margin at t_N
+        provably exceeds the tolerance, lost where the competitor's lead provably does, recomputed elsewhere. The
+        margin is concave in t: at least margin_0 (1 - t / t*) before t*, at most -(t - t*) x slope beyond it."""
+        t_N, exit_N = t_N.double(), self.exit_N.double()
+        tol = patch.tolerance + RELATIVE_TOLERANCE * (float(t_N.max()) if len(t_N) else 0.0) * self.q_max
+        kept_N = t_N < exit_N
+        sure_N = torch.where(kept_N, patch.margin_N.double() * (1 - t_N / exit_N),
+                             (t_N - exit_N) * self.slope_N.double()) > tol
+        changed_N = ~kept_N
+        redo = (~sure_N).nonzero().squeeze(1)
+        if len(redo):
+            changed_N[redo] = patch_predictions(patch.logits_NC[redo] + shift.dense(redo)) != patch.pred_N[redo]
+        return changed_N
 
 
 class _Csr:

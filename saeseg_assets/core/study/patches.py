@@ -12,7 +12,7 @@ import torch
 from ..settings import SuppressionSettings
 from .controls import control_draws
 from .edit import LatentEdit
-from .logit_shift import LogitShift
+from .logit_shift import LogitShift, RayExit
 from .measures import ratio
 from .model import SuppressionModel
 
@@ -26,7 +26,7 @@ class Changed:
     target and other patches changed."""
 
     tokens_X: torch.Tensor
-    pred_X: torch.Tensor
+    pred_X: torch.Tensor | None  # None for a control (only its counts are read)
     target_B: np.ndarray
     other_B: np.ndarray
 
@@ -45,6 +45,7 @@ class ClassPatches:
         self._draws: dict[tuple[int, ...], list] = {}
         self._effects: OrderedDict[tuple[int, ...], LatentEdit] = OrderedDict()
         self._changed: OrderedDict[tuple, Changed] = OrderedDict()
+        self._exits: dict[int, RayExit] = {}  # per control seed: the class's random direction is the seed's alone
 
     def _per_image(self, tokens_T: torch.Tensor) -> np.ndarray:
         return torch.bincount(tokens_T // self.per_image_tokens, minlength=self.model.n_images).numpy()
@@ -83,7 +84,10 @@ class ClassPatches:
         return effect, self._changed[key]
 
     def changed(self, shift: LogitShift) -> Changed:
-        tokens_X, pred_X = self.model.patch.moved(shift)
+        return self.counted(*self.model.patch.moved(shift))
+
+    def counted(self, tokens_X: torch.Tensor, pred_X: torch.Tensor | None) -> Changed:
+        """The changed tokens with their per-image target and other counts."""
         labels_X = self.model.patch.labels_N[tokens_X]
         target = labels_X == self.class_index
         return Changed(tokens_X, pred_X, self._per_image(tokens_X[target]),
@@ -92,10 +96,21 @@ class ClassPatches:
     def controls(self, effect: LatentEdit, draws: list, scale: float,
                  mode: str) -> tuple[list[Changed], list[Changed]]:
         """Per seed, what the random latents (matched in frequency) change, and what a random unit direction given
-        the edit's own norm on every token changes."""
+        the edit's own norm on every token changes (under the shortcut, from the direction's `RayExit`: the seed's
+        direction is the same at every setting of the class)."""
         latent_shifts, direction_shifts = effect.control_shifts(
             self.model, [self.effect(latents) for latents, _ in draws], [d for _, d in draws], scale, mode)
-        return [self.changed(s) for s in latent_shifts], [self.changed(s) for s in direction_shifts]
+        latents = [self.changed(s) for s in latent_shifts]
+        if self.model.propagation is not None:
+            return latents, [self.changed(s) for s in direction_shifts]
+        t_N = effect.direction_lengths(self.model.n_tokens, scale, mode)
+        directions = []
+        for seed, ((_, direction_D), shift) in enumerate(zip(draws, direction_shifts)):
+            if seed not in self._exits:
+                self._exits[seed] = RayExit.build(self.model.patch, self.model.probe_W_CD @ direction_D)
+            directions.append(self.counted(self._exits[seed].changed(self.model.patch, t_N, shift).nonzero()
+                                           .squeeze(1), None))
+        return latents, directions
 
     def predictions(self, changed: Changed) -> torch.Tensor:
         """Every token's patch prediction after the edit."""

@@ -323,6 +323,11 @@ class SummaryFigures:
     mean_best_other_change_rate: float
     mean_best_target_gap: float
     mean_best_other_gap: float
+    # The gap without a choice: per class the mean over the configured rule's validation sweep (dose_response) of each
+    # setting's change rate on the tuning images minus on validation, then the mean over classes; the part of the
+    # gaps above that no choice of setting removes.
+    mean_unchosen_target_gap: float
+    mean_unchosen_other_gap: float
     mean_target_iou_before: float
     mean_target_iou_after: float
     # An upper bound of every count above: classes class-specific at one or more of the settings measured with

@@ -13,7 +13,7 @@ import torch
 
 from saeseg_assets.core.report.results import Control, Interval, Selection, Setting, SweepRow
 from saeseg_assets.core.settings import SelectionSettings, SuppressionSettings
-from saeseg_assets.core.study.class_study import choose, margin_se, study_class, tune
+from saeseg_assets.core.study.class_study import choose, margin_se, simplicity, study_class, tune
 from saeseg_assets.core.study.latent_stats import STAT_FIELDS, LatentStats
 from saeseg_assets.core.study.measures import (
     bootstrap_weights,
@@ -228,27 +228,30 @@ def test_the_one_se_rule_checks_simpler_candidates_of_the_sweep_in_order_until_o
     best = candidate(10, "every_token", -4.0, 0.90, 0.02, 0.10)  # margin 0.80, SE 0.05: the floor 0.75
     checked = [(best, 0.05), (candidate(2, "every_token", -1.0, 0.78, 0.02, 0.01), 0.01)]  # 0.76: chosen so far
     # Sweep rows without controls; target minus other bounds the margin from above. With their controls:
-    ablate_active = candidate(1, "where_active", 0.0, 0.80, 0.02, 0.30)  # 0.50: the controls change too much
-    ablate = candidate(1, "every_token", 0.0, 0.80, 0.02, 0.03)  # 0.77: within
-    mild = candidate(1, "every_token", -0.5, 0.90, 0.01, 0.02)  # 0.88 but less simple than `ablate`
-    too_weak = candidate(1, "where_active", -0.5, 0.70, 0.0, 0.0)  # target - other 0.70 < 0.75: never checked
+    ablate = candidate(1, "every_token", 0.0, 0.80, 0.02, 0.30)  # 0.50: the controls change too much
+    gentle = candidate(1, "where_active", -0.5, 0.80, 0.02, 0.03)  # 0.77: within
+    mild = candidate(1, "every_token", -0.5, 0.90, 0.01, 0.02)  # 0.88 but less simple than `gentle`
+    too_weak = candidate(1, "where_active", -0.25, 0.70, 0.0, 0.0)  # target - other 0.70 < 0.75: never checked
     complex_ = candidate(20, "where_active", -0.5, 0.95, 0.0, 0.0)  # not simpler than the choice: never checked
-    with_controls = {row.setting: row for row in (ablate_active, ablate, mild)}
+    with_controls = {row.setting: row for row in (ablate, gentle, mild)}
     bare = [replace(row, random_latents=None, random_direction=None, specific=None)
-            for row in (mild, too_weak, complex_, ablate, ablate_active)]
+            for row in (mild, too_weak, complex_, gentle, ablate)]
     asked = []
 
     def check(row):
         asked.append(row.setting)
         return with_controls[row.setting]
 
-    # In order of simplicity: scale 0 where_active (outside), then scale 0 every token (within): chosen.
-    assert choose(checked, bare, check, 8, SuppressionSettings()) == (ablate, best, 0.05)
-    assert asked == [ablate_active.setting, ablate.setting]
+    # In order of simplicity: scale 0 (outside), then -0.5 where active (within): chosen.
+    assert choose(checked, bare, check, 8, SuppressionSettings()) == (gentle, best, 0.05)
+    assert asked == [ablate.setting, gentle.setting]
     # At most `most` checks: after the first fails, the simplest of the checked ones stays chosen.
     asked.clear()
     assert choose(checked, bare, check, 1, SuppressionSettings())[0] == checked[1][0]
-    assert asked == [ablate_active.setting]
+    assert asked == [ablate.setting]
+    # At scale 0 the two modes are one edit: equally simple.
+    assert simplicity(ablate.setting) == simplicity(replace(ablate.setting, mode="where_active")) < simplicity(
+        gentle.setting)
 
 
 def test_the_margin_se_is_the_spread_of_the_margin_over_resampled_images():

@@ -176,8 +176,9 @@ def _preference(row: SweepRow, config: SuppressionSettings) -> tuple:
 
 
 def simplicity(setting: Setting) -> tuple:
-    """Simpler first: fewer latents, then a smaller |scale| (a milder edit), then where_active (fewer tokens)."""
-    return (setting.n_latents, abs(setting.scale), setting.mode != "where_active")
+    """Simpler first: fewer latents, then a smaller |scale| (a milder edit), then where_active (fewer tokens; at
+    scale 0 both modes are one edit, equally simple)."""
+    return (setting.n_latents, abs(setting.scale), setting.mode != "where_active" and setting.scale != 0)
 
 
 def choose(checked: list[tuple[SweepRow, float]], unchecked: list[SweepRow], check: Callable[[SweepRow], SweepRow],

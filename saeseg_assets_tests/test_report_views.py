@@ -10,6 +10,7 @@ from dataclasses import replace
 import dagster as dg
 import numpy as np
 from PIL import Image
+from pytest import approx
 
 from saeseg_assets.core.report.html import markdown_html
 from saeseg_assets.core.report.records import columns
@@ -50,6 +51,7 @@ from saeseg_assets.recipe import readable
 RULE = "class-specific: at least 50% of the class's patches change prediction, ..."
 CONFIGURED = Setting("f1", 3, "every_token", -2.0)
 TUNED = Setting("f1", 5, "where_active", -4.0)
+BEST = Setting("f1", 10, "every_token", -4.0)  # the best on the tuning images, before the one-SE rule
 
 
 CONTROL = Control(0.1, 0.01, 0.2)  # both controls change 0.1 of the target patches, at most 0.2 in one draw
@@ -68,22 +70,30 @@ def measured(setting: Setting, target: float, specific: bool, iou_after: float =
 
 def report(key: str, index: int, target: float, specific: bool, tuned_specific: bool | None) -> ClassReport:
     """An evaluated class: the configured setting (3 latents, -2 x max, every token), the sweep rows at N = 3 for two
-    scales, and (unless `tuned_specific` is None) a tuned setting with one rule measured on validation."""
+    scales, and (unless `tuned_specific` is None) a tuned setting with one rule measured on validation, and the best
+    on the tuning images (0.95 of the target patches changed there, 0.6 on validation, specific on 10 of 40
+    resamples)."""
     sweep = tuple(SweepRow(Setting("f1", 3, "every_token", s), 12, target * abs(s) / 2, 0.01, 0.1, CONTROL, CONTROL,
                            specific=specific and s == -2.0, specific_resamples="01"[specific and s == -2.0] * 40)
                   for s in (-2.0, -1.0))
     sweep += (SweepRow(Setting("f1", 1, "every_token", -2.0), 4, 0.1, 0.0, 0.5),)  # other N: no controls
-    tuning, tuned, per_rule = Tuning("no_tuning_images", "no held-out images"), None, {}
+    tuning, tuned, per_rule, best = Tuning("no_tuning_images", "no held-out images"), None, {}, None
     if tuned_specific is not None:
         tuned = measured(TUNED, 0.9, tuned_specific)
-        tuning = Tuning("tuned", "", 10, 40, tuned.patch, {"f1": tuned.patch}, (tuned.patch,))
+        # On the tuning images the sweep's -2 x max at N = 3 changes 0.1 more of the target patches than on validation.
+        on_tuning = SweepRow(CONFIGURED, 12, target + 0.1, 0.01, 0.1)
+        tuning = Tuning("tuned", "", 10, 40, tuned.patch, {"f1": tuned.patch}, (tuned.patch, on_tuning),
+                        best=SweepRow(BEST, 12, 0.95, 0.01, 0.05, CONTROL, CONTROL, specific=True),
+                        best_margin_se=0.06)
+        best = SweepRow(BEST, 12, 0.6, 0.03, 0.2, CONTROL, CONTROL, specific=False,
+                        specific_resamples="0" * 30 + "1" * 10)
         per_rule = {"f1": SweepRow(TUNED, 12, 0.9, 0.02, 0.1, CONTROL, CONTROL, specific=tuned_specific,
                                    specific_resamples="01"[tuned_specific] * 40)}
     # grass, the one specific class: specific on 30 of the 40 shared resamples.
     configured = measured(CONFIGURED, target, specific, iou_after=math.nan,
                           resamples="1" * 30 + "0" * 10 if specific else None)
     return ClassReport(key, key[4:], index, "evaluated", "", Selection("f1", (1, 2, 3)), CONFIGURED, 4000, 40, RULE,
-                       SuppressionSettings(), configured, tuning, tuned, per_rule, sweep)
+                       SuppressionSettings(), configured, tuning, tuned, per_rule, sweep, tuned_best=best)
 
 
 REPORTS = [report("010_grass", 10, 0.8, True, True), report("003_sky", 3, 0.2, False, None),
@@ -190,6 +200,17 @@ def test_the_summary_counts_the_configured_and_tuned_verdicts():
                                      "2 present classes are class-specific (95% intervals over resampled validation "
                                      "images in brackets); at settings tuned per class")
     assert "5 latents by f1) 1 [1, 1] of 2." in summary.result
+    # The tuning's overfit: the tuned setting changes 0.9 of grass's patches on validation as on the tuning images;
+    # the best before the one-SE rule 0.95 there and 0.6 on validation, specific on 10 of the 40 resamples.
+    assert (f.mean_tuned_target_gap, f.mean_tuned_other_gap) == (0.0, 0.0)
+    assert (f.n_specific_best, f.n_specific_best_ci, f.mean_best_target_change_rate) == (0, Interval(0.0, 1.0), 0.6)
+    assert (f.mean_best_target_gap, f.mean_best_other_gap) == (approx(0.35), approx(-0.02))
+    assert ("before the one-standard-error rule: 0 [0, 1] class-specific, target 0.60, other 0.03 (against 0.95 and "
+            "0.01 on the tuning images)") in summary.result
+    # Unchosen: grass's one sweep setting measured on both, -2 x max at N = 3: 0.9 on the tuning images, 0.8 on
+    # validation.
+    assert (f.mean_unchosen_target_gap, f.mean_unchosen_other_gap) == (approx(0.1), 0.0)
+    assert "none of them chosen: target 0.10, other 0.00. Mean TPP" in summary.result
 
 
 def test_the_summary_page_is_self_contained():

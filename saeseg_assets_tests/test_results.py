@@ -68,7 +68,8 @@ def test_nan_is_null_in_the_file_and_nan_again_in_the_record(tmp_path):
     row = SweepRow(Setting("f1", 3, "every_token", -2.0), 0, math.nan, 0.25, math.inf,
                    target_change_rate_ci=Interval(math.nan, 0.5))
     nan = Interval(math.nan, math.nan)
-    figures = SummaryFigures(0, 0, nan, 0, nan, 0, None, 0, 150, 0, *([math.nan] * 12), 0, "none", "none", 0)
+    figures = SummaryFigures(0, 0, nan, 0, nan, 0, None, 0, 150, 0, *([math.nan] * 10), 0, nan, *([math.nan] * 8), 0,
+                             "none", "none", 0)
     summary = StudySummary("No class was evaluated.", figures, (),
                            tuple(setting_counts([DoseRow("010_grass", row)])))
     write_result(tmp_path / "summary.json", summary)

@@ -4,15 +4,16 @@ TPP score, the max-over-seeds specificity rule, and tuning that never looks at v
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from saeseg_assets.core.report.results import Interval, Selection
+from saeseg_assets.core.report.results import Control, Interval, Selection, Setting, SweepRow
 from saeseg_assets.core.settings import SelectionSettings, SuppressionSettings
-from saeseg_assets.core.study.class_study import study_class, tune
+from saeseg_assets.core.study.class_study import choose, margin_se, simplicity, study_class, tune
 from saeseg_assets.core.study.latent_stats import STAT_FIELDS, LatentStats
 from saeseg_assets.core.study.measures import (
     bootstrap_weights,
@@ -165,7 +166,8 @@ def test_tuning_reads_only_the_tuning_images(tmp_path):
     assert tuned.status == "tuned" and tuned.n_images == tuning.n_images == 3
     rules = {*rankings, "effect"}
     assert {row.setting.rule for row in tuned.sweep} == rules and len(tuned.per_rule) == 4
-    assert tuned.chosen in tuned.per_rule.values() and tuned.chosen.random_latents is not None
+    assert tuned.chosen.random_latents is not None and tuned.best.random_latents is not None
+    assert tuned.best_margin_se >= 0 and tuned.per_rule[tuned.best.setting.rule] is not None
     settings, effects = [], []
     for name, relabel in (("validation", None), ("other", (21, 3))):
         _, _, _, validation = tiny_world(tmp_path / name)
@@ -173,12 +175,97 @@ def test_tuning_reads_only_the_tuning_images(tmp_path):
             labels = validation.patch.labels_N
             labels[labels == relabel[0]] = relabel[1]
         report = study_class(validation, tuning, 10, Selection("f1", (0,)), rankings, config)
-        settings.append(report.tuning.setting)
+        settings.append((report.tuning.setting, report.tuning.best.setting, report.tuning.best_margin_se))
         effects.append(report.tuning.effect)
         assert report.tuned.setting == report.tuning.setting and set(report.tuned_per_rule) == rules
-    assert settings[0] == settings[1] == tuned.setting
+        # The best on the tuning images is measured on validation too, with its controls.
+        assert report.tuned_best.setting == report.tuning.best.setting and report.tuned_best.specific is not None
+    assert settings[0] == settings[1] == (tuned.setting, tuned.best.setting, tuned.best_margin_se)
     # The effect rule's ranking too: made on the tuning images, the same whatever the validation set.
     assert effects[0] == effects[1] == tuned.effect and tuned.effect.latents[0] == 0
+
+
+def candidate(n: int, mode: str, scale: float, target: float, other: float, control: float) -> SweepRow:
+    """A checked tuning candidate by f1, both controls changing `control` of the target patches at most; the verdict
+    as the default rule gives it."""
+    c = Control(control, 0.0, control)
+    return SweepRow(Setting("f1", n, mode, scale), 10, target, other, 0.5, c, c,
+                    is_class_specific(target, other, [control, control]))
+
+
+def test_the_one_se_rule_takes_the_simplest_setting_within_the_noise_of_the_best():
+    # Margins: target minus the largest of other and the controls. The best: 0.90 - 0.10 = 0.80, with SE 0.05.
+    best = candidate(10, "every_token", -4.0, 0.90, 0.02, 0.10)
+    within = [candidate(2, "every_token", -2.0, 0.78, 0.02, 0.02),  # 0.76: within 0.05 of 0.80
+              candidate(2, "every_token", -1.0, 0.78, 0.02, 0.01)]  # 0.76 too, at a milder scale
+    outside = candidate(1, "where_active", -1.0, 0.74, 0.01, 0.02)  # 0.72: fewer latents, but 0.08 below the best
+    # Specific, margin 0.86 - 0.08 = 0.78, one latent, but 0.08 of the other patches change (> 0.05): a lower tier.
+    lower_tier = candidate(1, "every_token", -2.0, 0.86, 0.08, 0.05)
+    config = SuppressionSettings()
+    checked = [(best, 0.05), *((row, 0.01) for row in within), (outside, 0.01), (lower_tier, 0.01)]
+    assert lower_tier.specific and all(row.specific for row in within)
+
+    def choice(checked, config=config, unchecked=(), check=None, most=8):
+        return choose(checked, list(unchecked), check, most, config)
+
+    # The best's SE decides the window; within it the fewest latents, then the smallest |scale|.
+    assert choice(checked) == (within[1], best, 0.05)
+    # At the same N and |scale|, where_active is simpler.
+    active = candidate(2, "where_active", -1.0, 0.77, 0.02, 0.03)  # 0.74 - just outside: not chosen
+    assert choice([*checked, (active, 0.01)])[0] == within[1]
+    active = candidate(2, "where_active", -1.0, 0.77, 0.01, 0.01)  # 0.76: within
+    assert choice([*checked, (active, 0.01)])[0] == active
+    # A smaller SE narrows the window to the best alone; the rule off, the best wins whatever the noise.
+    assert choice([(best, 0.005), *checked[1:]])[0] == best
+    assert choice(checked, SuppressionSettings(tuning_one_se=False)) == (best, best, 0.05)
+    # A best that is not class-specific admits only candidates that are not either (0.30 within 0.05 of 0.33).
+    weak = [candidate(5, "every_token", -4.0, 0.40, 0.07, 0.05), candidate(1, "every_token", -4.0, 0.35, 0.05, 0.05)]
+    assert not any(row.specific for row in weak)
+    assert choice([(weak[0], 0.05), (weak[1], 0.0)])[0] == weak[1]
+
+
+def test_the_one_se_rule_checks_simpler_candidates_of_the_sweep_in_order_until_one_is_within():
+    best = candidate(10, "every_token", -4.0, 0.90, 0.02, 0.10)  # margin 0.80, SE 0.05: the floor 0.75
+    checked = [(best, 0.05), (candidate(2, "every_token", -1.0, 0.78, 0.02, 0.01), 0.01)]  # 0.76: chosen so far
+    # Sweep rows without controls; target minus other bounds the margin from above. With their controls:
+    ablate = candidate(1, "every_token", 0.0, 0.80, 0.02, 0.30)  # 0.50: the controls change too much
+    gentle = candidate(1, "where_active", -0.5, 0.80, 0.02, 0.03)  # 0.77: within
+    mild = candidate(1, "every_token", -0.5, 0.90, 0.01, 0.02)  # 0.88 but less simple than `gentle`
+    too_weak = candidate(1, "where_active", -0.25, 0.70, 0.0, 0.0)  # target - other 0.70 < 0.75: never checked
+    complex_ = candidate(20, "where_active", -0.5, 0.95, 0.0, 0.0)  # not simpler than the choice: never checked
+    with_controls = {row.setting: row for row in (ablate, gentle, mild)}
+    bare = [replace(row, random_latents=None, random_direction=None, specific=None)
+            for row in (mild, too_weak, complex_, gentle, ablate)]
+    asked = []
+
+    def check(row):
+        asked.append(row.setting)
+        return with_controls[row.setting]
+
+    # In order of simplicity: scale 0 (outside), then -0.5 where active (within): chosen.
+    assert choose(checked, bare, check, 8, SuppressionSettings()) == (gentle, best, 0.05)
+    assert asked == [ablate.setting, gentle.setting]
+    # At most `most` checks: after the first fails, the simplest of the checked ones stays chosen.
+    asked.clear()
+    assert choose(checked, bare, check, 1, SuppressionSettings())[0] == checked[1][0]
+    assert asked == [ablate.setting]
+    # At scale 0 the two modes are one edit: equally simple.
+    assert simplicity(ablate.setting) == simplicity(replace(ablate.setting, mode="where_active")) < simplicity(
+        gentle.setting)
+
+
+def test_the_margin_se_is_the_spread_of_the_margin_over_resampled_images():
+    # Two images of 10 target and 100 other patches; the edit changes 8 and 4 target patches, 2 other patches in each;
+    # one control draw changes 1 target patch in each.
+    patches = SimpleNamespace(target_B=np.array([10, 10]), other_B=np.array([100, 100]))
+    changed = SimpleNamespace(target_B=np.array([8, 4]), other_B=np.array([2, 2]))
+    control = [[SimpleNamespace(target_B=np.array([1, 1]))], []]
+    # Resamples: image 1 twice (0.8 - 0.1), image 2 twice (0.4 - 0.1), each once (0.6 - 0.1): margins 0.7, 0.3, 0.5.
+    weights_RB = np.array([[2, 0], [0, 2], [1, 1]])
+    assert margin_se(patches, changed, control, weights_RB) == pytest.approx(0.2)
+    # Where the controls change nothing, the other patches' 0.02 is the largest: the same spread.
+    assert margin_se(patches, changed, [[], []], weights_RB) == pytest.approx(0.2)
+    assert math.isnan(margin_se(patches, changed, control, weights_RB[:1]))
 
 
 def test_the_effect_rule_adds_latents_while_they_help_on_the_tuning_images(tmp_path):

@@ -213,6 +213,10 @@ class SuppressionSettings(StageSettings):
                                     "patches of the held-out training images is at most this.")
     tuning_candidates: int = Field(8, description="Settings per class, best by target minus other change rate on "
                                    "the tuning images, whose controls are measured before one is chosen.")
+    tuning_one_se: bool = Field(True, description="Tuning takes not the best setting on the tuning images but the "
+                                "simplest (fewest latents, then smallest |scale|, then where_active) that is as "
+                                "specific as the best and whose margin is within one bootstrap standard error (over "
+                                "the tuning images) of the best's (docs/study.md); off, the best itself.")
     bootstrap_resamples: int = Field(1000, description="Resamples of the validation images for the 95% intervals.")
     frequency_pool: int = Field(16, description="A random-latent control draws among this many latents nearest in "
                                 "firing frequency to each chosen one.")

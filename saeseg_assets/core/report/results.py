@@ -15,7 +15,8 @@ from .records import INLINE, column, dumps, loads
 # NaN), the version under "format_version" in every file.
 # 4: intervals in the classes table, the oracle an upper bound of every count; 5: intervals on every validation
 # sweep row, the verdict per shared resample, intervals on the summary's counts.
-FORMAT_VERSION = 6  # 6: the effect rule's choice in the tuning, the tuning's overfit gap in the summary
+# 6: the effect rule's choice in the tuning, the tuning's overfit gap in the summary.
+FORMAT_VERSION = 7  # 7: the one-SE rule's choice beside the tuning's plain best, both measured on validation
 NOT_TUNED = "not tuned"  # the tuned setting in words, for a class without one
 R = TypeVar("R")
 
@@ -133,16 +134,21 @@ class EffectChoice:
 @dataclass(frozen=True)
 class Tuning:
     """How the setting of a class was tuned on held-out training images, never validation: every candidate's change
-    rates, the best candidates per rule with their controls, and the preferred one."""
+    rates, the best candidates per rule with their controls, the best of them and the one chosen (class_study.choose:
+    with `tuning_one_se` the simplest within one bootstrap standard error of the best, else the best)."""
 
     status: str  # tuned | no_tuning_images | absent_from_tuning_images | no_candidates
     reason: str = ""  # why not tuned
     n_images: int = 0  # held-out training images tuned on
     target_patches: int = 0  # their patches of the class
-    chosen: SweepRow | None = None  # the preferred candidate (its figures on the tuning images)
-    per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's preferred candidate
+    chosen: SweepRow | None = None  # the chosen candidate (its figures on the tuning images)
+    per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's chosen candidate, among its own
     sweep: tuple[SweepRow, ...] = ()  # every candidate, without controls
     effect: EffectChoice | None = None  # the effect rule's ranking, where the tuning used that rule
+    best: SweepRow | None = None  # the preferred candidate (class_study._preference): the choice without the 1-SE rule
+    # The bootstrap standard error over the tuning images of the best's margin (target change rate minus the largest
+    # of the other patches' and each control draw's): the noise the one-SE rule allows.
+    best_margin_se: float = float("nan")
 
     @property
     def setting(self) -> Setting | None:
@@ -179,6 +185,7 @@ class ClassReport:
     tuned: Measured | None = None  # the tuned setting on validation
     tuned_per_rule: dict[str, SweepRow] = field(default_factory=dict)  # each rule's tuned setting on validation
     dose_response: tuple[SweepRow, ...] = ()  # the rule's N x mode x scale grid; controls at the configured N
+    tuned_best: SweepRow | None = None  # the tuning's best (Tuning.best) on validation, with controls and intervals
     inputs: dict[str, str] = field(default_factory=dict)  # store keys of what the report was made from
 
     @property
@@ -308,11 +315,24 @@ class SummaryFigures:
     # validation, over the tuned classes.
     mean_tuned_target_gap: float
     mean_tuned_other_gap: float
+    # The same figures for the tuning's plain best (Tuning.best, the choice without the one-SE rule) on validation,
+    # over the same classes: what the rule changed.
+    n_specific_best: int
+    n_specific_best_ci: Interval
+    mean_best_target_change_rate: float
+    mean_best_other_change_rate: float
+    mean_best_target_gap: float
+    mean_best_other_gap: float
+    # The gap without a choice: per class the mean over the configured rule's validation sweep (dose_response) of each
+    # setting's change rate on the tuning images minus on validation, then the mean over classes; the part of the
+    # gaps above that no choice of setting removes.
+    mean_unchosen_target_gap: float
+    mean_unchosen_other_gap: float
     mean_target_iou_before: float
     mean_target_iou_after: float
     # An upper bound of every count above: classes class-specific at one or more of the settings measured with
     # controls on validation (the sweep at the configured N, the configured and tuned settings, each rule's tuned
-    # setting), chosen per class on the very images counted.
+    # setting, the tuning's best), chosen per class on the very images counted.
     n_specific_oracle: int
     oracle_setting: str  # the validation setting that alone makes the most classes specific, in words
     configured_setting: str  # the configured setting(s) in words

@@ -59,11 +59,12 @@ def setting_counts(dose: list[DoseRow]) -> list[SettingCount]:
 
 def upper_bound(reports: list[ClassReport]) -> int:
     """Classes class-specific at one or more of the settings measured with controls on validation: the sweep at the
-    configured N, the configured and the tuned setting, each rule's tuned setting. Chosen per class on the very
-    images it is counted on, it bounds every reported count from above; a diagnostic, never a result."""
+    configured N, the configured and the tuned setting, each rule's tuned setting, the tuning's best. Chosen per class
+    on the very images it is counted on, it bounds every reported count from above; a diagnostic, never a result."""
     def measured(r: ClassReport) -> list[SweepRow]:
         return ([row for row in r.dose_response if row.specific is not None] + [r.configured.patch]
-                + ([r.tuned.patch] if r.tuned is not None else []) + list(r.tuned_per_rule.values()))
+                + ([r.tuned.patch] if r.tuned is not None else []) + list(r.tuned_per_rule.values())
+                + ([r.tuned_best] if r.tuned_best is not None else []))
 
     return sum(any(bool(row.specific) for row in measured(r)) for r in evaluated(reports))
 
@@ -118,6 +119,18 @@ def overfit(on_tuning: list[SweepRow], on_validation: list[SweepRow]) -> tuple[f
             mean(t.other_change_rate - v.other_change_rate for t, v in zip(on_tuning, on_validation)))
 
 
+def unchosen_gap(reports: list[ClassReport]) -> tuple[float, float]:
+    """Per class, the mean target and other change rate of the configured rule's validation sweep settings on the
+    tuning images minus on validation (none of them chosen); the means over the classes."""
+    per_class = []
+    for r in evaluated(reports):
+        on_tuning = {row.setting: row for row in (r.tuning.sweep if r.tuning is not None else ())}
+        pairs = [(on_tuning[row.setting], row) for row in r.dose_response if row.setting in on_tuning]
+        if pairs:
+            per_class.append(overfit(*zip(*pairs)))
+    return mean(t for t, _ in per_class), mean(o for _, o in per_class)
+
+
 def configured_words(reports: list[ClassReport]) -> str:
     """The configured setting(s) of the evaluated classes in words."""
     return "; ".join(sorted({describe_setting(r.setting) for r in evaluated(reports)})) or "none"
@@ -129,6 +142,10 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
     TPP scores, change rates and IoU, the oracle diagnostic), its sentence and its tables per rule and setting."""
     tuned = [row.tuned for row in rows if row.tuned is not None]
     gap = overfit([r.tuning.chosen for r in evaluated(reports) if r.tuned is not None], [t.patch for t in tuned])
+    with_best = [r for r in evaluated(reports) if r.tuned_best is not None]
+    best = [r.tuned_best for r in with_best]
+    best_gap = overfit([r.tuning.best for r in with_best], best)
+    unchosen = unchosen_gap(reports)
     common = Counter(t.setting for t in tuned).most_common(1)
     _, oracle_words = oracle(counts)
     figures = SummaryFigures(
@@ -150,6 +167,11 @@ def study_summary(reports: list[ClassReport], rows: list[SummaryRow], counts: li
         mean_tuned_target_change_rate=mean(t.patch.target_change_rate for t in tuned),
         mean_tuned_other_change_rate=mean(t.patch.other_change_rate for t in tuned),
         mean_tuned_target_gap=gap[0], mean_tuned_other_gap=gap[1],
+        n_specific_best=sum(bool(b.specific) for b in best), n_specific_best_ci=count_interval(best),
+        mean_best_target_change_rate=mean(b.target_change_rate for b in best),
+        mean_best_other_change_rate=mean(b.other_change_rate for b in best),
+        mean_best_target_gap=best_gap[0], mean_best_other_gap=best_gap[1],
+        mean_unchosen_target_gap=unchosen[0], mean_unchosen_other_gap=unchosen[1],
         mean_target_iou_before=mean(row.configured.pixels.target_iou_before for row in rows),
         mean_target_iou_after=mean(row.configured.pixels.target_iou_after for row in rows),
         n_specific_oracle=upper_bound(reports), oracle_setting=oracle_words,

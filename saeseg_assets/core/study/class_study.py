@@ -5,6 +5,7 @@ held-out training images only, and the configured and tuned settings measured on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -56,11 +57,14 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
         configured = measure(patches, selection.latents, setting, config, weights_RB, shared_RB)
         tuned = (tune(tuning, class_index, rankings, config) if tuning is not None else
                  Tuning("no_tuning_images", "no held-out training images were given"))
-        measured, per_rule, dose = None, {}, ()
+        measured, best, per_rule, dose = None, None, {}, ()
         if tuned.effect is not None:
             rankings = {**rankings, "effect": tuned.effect.latents}
         if tuned.chosen is not None:
             measured = measure(patches, _top(rankings, tuned.setting), tuned.setting, config, weights_RB, shared_RB)
+            best = (measured.patch if tuned.best.setting == tuned.setting else
+                    sweep_row(patches, tuned.best.setting, _top(rankings, tuned.best.setting), config, True,
+                              weights_RB, shared_RB))
         # Under propagate every setting runs the backbone's tail: the per-rule settings and the validation sweep
         # are left out (the configured and the tuned setting are measured in full).
         if config.mechanism == "shortcut":
@@ -69,7 +73,7 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
             dose = dose_response(patches, rankings.get(selection.rule) or selection.latents, selection.rule,
                                  len(selection.latents), config, weights_RB, shared_RB)
     return replace(report, configured=configured, tuning=tuned, tuned=measured, tuned_per_rule=per_rule,
-                   dose_response=dose)
+                   dose_response=dose, tuned_best=best)
 
 
 def shared_resamples(n_images: int, config: SuppressionSettings) -> np.ndarray:
@@ -112,15 +116,17 @@ def sweep_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...],
 
 def patch_figures(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], effect: LatentEdit,
                   changed: Changed, config: SuppressionSettings, with_controls: bool,
-                  weights_RB: np.ndarray | None = None, shared_RB: np.ndarray | None = None) -> SweepRow:
-    """The change rates and target accuracy of an edit; with controls, each control over its seeds and the verdict
-    (against the largest single draw), and with `shared_RB` the verdict on each of those resamples of the images;
-    with `weights_RB`, 95% bootstrap intervals over images."""
+                  weights_RB: np.ndarray | None = None, shared_RB: np.ndarray | None = None,
+                  per_seed: tuple[list[Changed], list[Changed]] | None = None) -> SweepRow:
+    """The change rates and target accuracy of an edit; with controls (`per_seed`: made before), each control over
+    its seeds and the verdict (against the largest single draw), and with `shared_RB` the verdict on each of those
+    resamples of the images; with `weights_RB`, 95% bootstrap intervals over images."""
     target, other = patches.target_rate(changed), patches.other_rate(changed)
     random_latents = random_direction = specific = target_ci = other_ci = None
     resampled = ""
     if with_controls:
-        per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
+        if per_seed is None:
+            per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
         random_latents, random_direction = (control(patches, seeds, weights_RB) for seeds in per_seed)
         specific = is_class_specific(target, other, [random_latents.target_change_max,
                                                      random_direction.target_change_max], config)
@@ -154,6 +160,9 @@ def control(patches: ClassPatches, per_seed: list[Changed], weights_RB: np.ndarr
 # Tuning on held-out training images
 
 
+TUNING_STREAM = 1  # the tuning's bootstrap draws its own stream of the class's seed, apart from validation's
+
+
 def _preference(row: SweepRow, config: SuppressionSettings) -> tuple:
     """Specific with few other patches changed first, then specific, then the widest margin of the target change
     over the other patches and the controls."""
@@ -166,12 +175,76 @@ def _preference(row: SweepRow, config: SuppressionSettings) -> tuple:
     return (specific and values[1] <= config.max_other_change, specific, margin)
 
 
+def simplicity(setting: Setting) -> tuple:
+    """Simpler first: fewer latents, then a smaller |scale| (a milder edit), then where_active (fewer tokens; at
+    scale 0 both modes are one edit, equally simple)."""
+    return (setting.n_latents, abs(setting.scale), setting.mode != "where_active" and setting.scale != 0)
+
+
+def choose(checked: list[tuple[SweepRow, float]], unchecked: list[SweepRow], check: Callable[[SweepRow], SweepRow],
+           most: int, config: SuppressionSettings) -> tuple[SweepRow, SweepRow, float]:
+    """(the chosen, the best, the best's margin SE). The best is the preferred (`_preference`; the first of equals)
+    of the `checked` candidates, each with its controls, verdict and margin's bootstrap SE over the tuning images.
+    With `tuning_one_se` the chosen is the simplest (`simplicity`, then the wider margin) candidate in the best's tier
+    (its two verdict flags) whose margin is at least the best's minus the best's SE: among the checked ones, then
+    among the `unchecked` ones simpler than that, given their controls by `check` in order of simplicity (then target
+    minus other) until one is within, at most `most` of them; those whose target minus other change rate, their
+    margin at most, is below the floor are never checked."""
+    best, se = max(checked, key=lambda c: _preference(c[0], config))
+    if not config.tuning_one_se:
+        return best, best, se
+    tier, margin = _preference(best, config)[:2], _preference(best, config)[2]
+    floor = margin - (se if math.isfinite(se) else 0.0)
+
+    def within(row: SweepRow) -> bool:
+        return _preference(row, config)[:2] == tier and _preference(row, config)[2] >= floor
+
+    chosen = min((row for row, _ in checked if within(row)),
+                 key=lambda row: (simplicity(row.setting), -_preference(row, config)[2]))
+    done = {row.setting for row, _ in checked}
+    reach = sorted((row for row in unchecked if row.setting not in done
+                    and simplicity(row.setting) < simplicity(chosen.setting)
+                    and row.target_change_rate - row.other_change_rate >= floor),
+                   key=lambda row: (simplicity(row.setting), row.other_change_rate - row.target_change_rate))
+    for row in reach[:most]:
+        if within(row := check(row)):
+            return row, best, se
+    return chosen, best, se
+
+
+def margin_se(patches: ClassPatches, changed: Changed, per_seed: tuple[list[Changed], list[Changed]],
+              weights_RB: np.ndarray) -> float:
+    """The standard error of a setting's margin (as `_preference` reckons it: target change rate minus the largest of
+    the other patches' and of every control draw's target change rate) over bootstrap resamples of the images (NaN
+    with fewer than two resamples where it is defined)."""
+    def rate_R(num_B, den_B) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (weights_RB @ np.asarray(num_B, np.float64)) / (weights_RB @ np.asarray(den_B, np.float64))
+
+    largest_R = rate_R(changed.other_B, patches.other_B)
+    for draw in (c for seeds in per_seed for c in seeds):
+        largest_R = np.maximum(largest_R, rate_R(draw.target_B, patches.target_B))
+    margin_R = rate_R(changed.target_B, patches.target_B) - largest_R
+    margin_R = margin_R[np.isfinite(margin_R)]
+    return float(np.std(margin_R, ddof=1)) if len(margin_R) > 1 else math.nan
+
+
+def checked_row(patches: ClassPatches, setting: Setting, latents: tuple[int, ...], config: SuppressionSettings,
+                weights_RB: np.ndarray) -> tuple[SweepRow, float]:
+    """A tuning candidate with its controls and verdict, and its margin's bootstrap SE over the tuning images."""
+    effect, changed = patches.edit(latents, setting.mode, setting.scale)
+    per_seed = patches.controls(effect, patches.draws(latents, config), setting.scale, setting.mode)
+    return (patch_figures(patches, setting, latents, effect, changed, config, True, per_seed=per_seed),
+            margin_se(patches, changed, per_seed, weights_RB))
+
+
 def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[int, ...]],
          config: SuppressionSettings) -> Tuning:
     """The setting chosen for one class on the held-out training images in `model` (never validation): every
     candidate's target and other change rates; the best `tuning_candidates` per rule (other change rate within
-    `max_other_change` first, then the margin of target over other) also get their controls; the preferred of those
-    wins, overall and per rule."""
+    `max_other_change` first, then the margin of target over other) also get their controls and their margin's
+    bootstrap SE over the tuning images; `choose` picks among them (and the simpler candidates it checks too),
+    overall and per rule. Every check is made once."""
     with single_thread():
         patches = ClassPatches(model, class_index)
         if patches.n_target == 0:
@@ -185,20 +258,33 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
             rankings, fixed_n = {**rankings, "effect": effect.latents}, {"effect": effect.n_chosen}
         rows = [sweep_row(patches, setting, _top(rankings, setting), config, False)
                 for setting in candidate_settings(rankings, config.tuning_rules, n_latents, grid, fixed_n)]
-        best, per_rule = None, {}
+        weights_RB = bootstrap_weights(model.n_images, config.bootstrap_resamples,
+                                       [config.seed, class_index, TUNING_STREAM])
+        checks: dict[Setting, tuple[SweepRow, float]] = {}
+
+        def check(row: SweepRow) -> tuple[SweepRow, float]:
+            if row.setting not in checks:
+                checks[row.setting] = checked_row(patches, row.setting, _top(rankings, row.setting), config,
+                                                  weights_RB)
+            return checks[row.setting]
+
+        checked = {}
         for rule in config.tuning_rules:
             mine = [r for r in rows if r.setting.rule == rule]
             mine.sort(key=lambda r: (r.other_change_rate <= config.max_other_change,
                                      r.target_change_rate - r.other_change_rate), reverse=True)
-            checked = [sweep_row(patches, r.setting, _top(rankings, r.setting), config, True)
-                       for r in mine[:n_candidates]]
-            if checked:
-                per_rule[rule] = max(checked, key=lambda r: _preference(r, config))
-                if best is None or _preference(per_rule[rule], config) > _preference(best, config):
-                    best = per_rule[rule]
-    if best is None:
-        return Tuning("no_candidates", "no ranking holds a latent for this class")
-    return Tuning("tuned", "", model.n_images, patches.n_target, best, per_rule, tuple(rows), effect)
+            if mine:
+                checked[rule] = [check(r) for r in mine[:n_candidates]]
+        if not checked:
+            return Tuning("no_candidates", "no ranking holds a latent for this class")
+        def with_controls(row: SweepRow) -> SweepRow:
+            return check(row)[0]
+
+        chosen, best, se = choose([c for mine in checked.values() for c in mine], rows, with_controls, n_candidates,
+                                  config)
+        per_rule = {rule: choose(mine, [r for r in rows if r.setting.rule == rule], with_controls, n_candidates,
+                                 config)[0] for rule, mine in checked.items()}
+    return Tuning("tuned", "", model.n_images, patches.n_target, chosen, per_rule, tuple(rows), effect, best, se)
 
 
 # ---------------------------------------------------------------------------------------------------------------

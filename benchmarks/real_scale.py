@@ -2,7 +2,7 @@
 through DINOv2 ViT-B/14, on synthetic caches written once under --work and reused; each stage in its own process.
 Usage: python benchmarks/real_scale.py [--val-images 2000] [--tuning-images 4000] [--d-model 768] [--d-sae 24576]
        [--k 64] [--classes 10] [--device cpu|cuda] [--threads N] [--workers N] [--seed 0]
-       [--work data/benchmarks/real_scale] [--keep]
+       [--work data/benchmarks/real_scale] [--keep] [--reuse RUN]
 """
 
 from __future__ import annotations
@@ -412,6 +412,8 @@ def main() -> None:
     parser.add_argument("--work", default="data/benchmarks/real_scale",
                         help="where the synthetic inputs are kept (full size: about 2.7 GB, 2.2 GB more during a run)")
     parser.add_argument("--keep", action="store_true", help="keep this run's stage outputs (codes, statistics)")
+    parser.add_argument("--reuse", metavar="RUN", help="a run folder kept by --keep (same sizes and seed): its latent "
+                        "statistics, codes and class latents are reused and only the study's stages run")
     options = parser.parse_args()
     shape = shape_of(options)
     if shape.d_sae < 2 * N_CLASSES or not 1 < shape.k <= shape.d_sae or shape.crop % shape.patch:
@@ -429,20 +431,25 @@ def main() -> None:
           f"training images, {shape.grid ** 2} patches x {shape.d_model}; TopK SAE {shape.d_sae} latents, k {shape.k})",
           flush=True)
     remove_abandoned(work / "runs")
-    run = work / "runs" / f"{folder.name}-{os.getpid()}"
+    run = Path(options.reuse) if options.reuse else work / "runs" / f"{folder.name}-{os.getpid()}"
+    stages = STAGES
+    if options.reuse:
+        if not run.name.startswith(folder.name) or not (run / "class_latents.json").is_file():
+            raise SystemExit(f"--reuse {run}: not a complete run kept by --keep for these inputs ({folder.name})")
+        stages = {name: STAGES[name] for name in ("imports", "study_models", "class_study")}
     run.mkdir(parents=True, exist_ok=True)
     paths = {"inputs": folder, "run": run, **{name: run / name for name in ("latent_stats", "val_codes",
                                                                            "tuning_codes")}}
     results = {}
     try:
-        for stage, function in STAGES.items():
+        for stage, function in stages.items():
             results[stage] = result = run_stage(function, paths, options)
             gpu = f"   GPU peak {result['gpu_peak_gb']:5.2f} GB" if result["gpu_peak_gb"] is not None else ""
             shown = {k: v for k, v in result["summary"].items() if k not in ("per_class", "outcome")}
             print(f"{stage:14s} {result['seconds']:8.1f} s   peak RSS {result['peak_rss_gb']:5.2f} GB{gpu}   "
                   f"{json.dumps(shown) if shown else ''}", flush=True)
     finally:
-        if options.keep:
+        if options.keep or options.reuse:
             print(f"this run's stage outputs are kept in {run}")
         else:
             shutil.rmtree(run, ignore_errors=True)
@@ -465,14 +472,15 @@ def main() -> None:
           f"{N_CLASSES} classes {all_s:.0f} s (each sampled class's time x the classes of its stratum / {speedup:.2f}),"
           f" {mean_s:.2f} s per class. The study's process peaked at {study['peak_rss_gb']:.2f} GB with both models "
           f"loaded, its largest worker at {summary['workers_peak_rss_gb']:.2f} GB (pages shared with it included)")
-    stats_s = results["latent_stats"]["seconds"]
-    print(f"latent_stats read {shape.tuning_images} training images; the real pipeline reads all "
-          f"{REAL_TRAINING_IMAGES:,}: about {stats_s * REAL_TRAINING_IMAGES / shape.tuning_images:.0f} s at this d_sae "
-          "(linear in images). "
-          f"A stage process's floor (imports alone) is {floor:.2f} GB of the peaks above; torch threads "
+    if "latent_stats" in results:
+        stats_s = results["latent_stats"]["seconds"]
+        print(f"latent_stats read {shape.tuning_images} training images; the real pipeline reads all "
+              f"{REAL_TRAINING_IMAGES:,}: about {stats_s * REAL_TRAINING_IMAGES / shape.tuning_images:.0f} s at this "
+              "d_sae (linear in images).")
+    print(f"A stage process's floor (imports alone) is {floor:.2f} GB of the peaks above; torch threads "
           f"{study['threads']} (each class study runs on one, as in the pipeline). Wall clock: a shared machine's "
           "figures move with its load.")
-    device = results["latent_stats"]["device"]
+    device = results.get("latent_stats", study)["device"]
     seconds = {stage: round(r["seconds"], 2) for stage, r in results.items()}
     print(json.dumps({"device": device if options.device == "cuda" else "cpu", "cores": len(os.sched_getaffinity(0)),
                       "val_images": shape.val_images, "tuning_images": shape.tuning_images,

@@ -112,7 +112,6 @@ class PatchBaseline:
     max_{c != p} d_c - d_p: a binary search per class finds those few candidates, and only they are recomputed."""
 
     logits_NC: torch.Tensor
-    logits_CN: torch.Tensor  # the same, class-major: a few classes of many tokens are read at once
     pred_N: torch.Tensor
     top_classes_NK: torch.Tensor  # the TOP best of outputs 1..150, in ascending class order (uint8)
     top_logits_NK: torch.Tensor  # their logits
@@ -142,7 +141,7 @@ class PatchBaseline:
         start_P = torch.zeros(N_OUTPUTS + 1, dtype=torch.int64)
         start_P[1:] = torch.cumsum(torch.bincount(pred_N, minlength=N_OUTPUTS), 0)
         position_N = (classes_NK == pred_N[:, None]).int().argmax(1).to(torch.uint8)
-        return cls(logits_NC, logits_NC.T.contiguous(), pred_N, classes_NK.to(torch.uint8),
+        return cls(logits_NC, pred_N, classes_NK.to(torch.uint8),
                    top.values.gather(1, order), position_N, margin_N.float(), top.values[:, -1], labels_N.long(),
                    order_N, margin_N[order_N] + pred_N[order_N].double() * span, start_P, span,
                    RELATIVE_TOLERANCE * (1.0 + scale))
@@ -244,7 +243,7 @@ class PatchBaseline:
         raised = d_C[1:].topk(min(self.TOP + 1, len(d_C) - 1))
         classes_J, next_d = raised.indices[:self.TOP] + 1, raised.values[-1]
         values_XK = self.top_logits_NK[tokens_X] + d_C[top_XK]
-        values_XJ = (self.logits_CN[classes_J[:, None], tokens_X] + d_C[classes_J, None]).T
+        values_XJ = self.logits_NC[tokens_X[:, None], classes_J] + d_C[classes_J]
         bound_X = self.floor_N[tokens_X] + next_d
         if own is not None:
             values_XK = values_XK + own_XK

@@ -277,9 +277,7 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
                 checked[rule] = [check(r) for r in mine[:n_candidates]]
         if not checked:
             return Tuning("no_candidates", "no ranking holds a latent for this class")
-        def with_controls(row: SweepRow) -> SweepRow:
-            return check(row)[0]
-
+        with_controls = lambda row: check(row)[0]  # noqa: E731
         chosen, best, se = choose([c for mine in checked.values() for c in mine], rows, with_controls, n_candidates,
                                   config)
         per_rule = {rule: choose(mine, [r for r in rows if r.setting.rule == rule], with_controls, n_candidates,

@@ -105,7 +105,7 @@ def propagated_model(registers: int, n_images: int = 6, tail: BackboneTail | Non
                               probe_W_CD, probe_b_C, block_images)
     codes = replace(base.codes, logits_NC=propagation.baseline_logits())
     model = SuppressionModel(base.W_dec_SD, probe_W_CD, base.max_activation_S.numpy(), base.frequency_S, codes,
-                             base.patch.labels_N, base.pixel_labels_BHW, GRID, pixel=False, propagation=propagation)
+                             base.patch.labels_N, _no_pixels(base), GRID, pixel=False, propagation=propagation)
     return model, tokens.prefix_BRD, tokens.patch_BPD
 
 
@@ -152,12 +152,12 @@ def test_propagate_with_an_empty_tail_and_the_sae_layer_probe_is_the_shortcut():
     logits_NC = x_BPD.reshape(-1, D) @ shortcut.probe_W_CD.T + bias_C
     shortcut = SuppressionModel(shortcut.W_dec_SD, shortcut.probe_W_CD, shortcut.max_activation_S.numpy(),
                                 shortcut.frequency_S, replace(shortcut.codes, logits_NC=logits_NC),
-                                shortcut.patch.labels_N, shortcut.pixel_labels_BHW, GRID, pixel=False)
+                                shortcut.patch.labels_N, _no_pixels(shortcut), GRID, pixel=False)
     empty = BackboneTail([], nn.Identity(), n_prefix_tokens=1)
     propagation = Propagation(empty, torch.zeros(6, 1, D), x_BPD, shortcut.probe_W_CD, bias_C)
     propagate = SuppressionModel(shortcut.W_dec_SD, shortcut.probe_W_CD, shortcut.max_activation_S.numpy(),
                                  shortcut.frequency_S, replace(shortcut.codes, logits_NC=propagation.baseline_logits()),
-                                 shortcut.patch.labels_N, shortcut.pixel_labels_BHW, GRID, pixel=False,
+                                 shortcut.patch.labels_N, _no_pixels(shortcut), GRID, pixel=False,
                                  propagation=propagation)
     assert torch.equal(propagate.patch.pred_N, shortcut.patch.pred_N)
     config = SuppressionSettings(control_seeds=2)
@@ -233,3 +233,8 @@ def test_the_final_probe_trains_on_the_final_tokens(tmp_path):
     probe = train_sweep(cache, config, log=lambda _: None).probe
     assert probe.meta["probe_layer"] == "final" and probe.layer == "final"
     assert probe.meta["held_out_images"] == [[4, 8]]  # one of the two chunks held out, as for the SAE-layer probe
+
+
+def _no_pixels(model: SuppressionModel) -> torch.Tensor:
+    """Pixel labels of a model without the pixel level: their number of images alone."""
+    return torch.zeros(model.n_images, 0, 0, dtype=torch.uint8)

@@ -29,7 +29,7 @@ from .measures import (
 )
 from .model import SuppressionModel
 from .patches import Changed, ClassPatches
-from .workers import single_thread
+from .workers import release_memory, single_thread
 
 
 def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_index: int, selection: Selection,
@@ -57,6 +57,7 @@ def study_class(model: SuppressionModel, tuning: SuppressionModel | None, class_
         configured = measure(patches, selection.latents, setting, config, weights_RB, shared_RB)
         tuned = (tune(tuning, class_index, rankings, config) if tuning is not None else
                  Tuning("no_tuning_images", "no held-out training images were given"))
+        release_memory()  # what the tuning's caches held
         measured, best, per_rule, dose = None, None, {}, ()
         if tuned.effect is not None:
             rankings = {**rankings, "effect": tuned.effect.latents}
@@ -259,7 +260,7 @@ def tune(model: SuppressionModel, class_index: int, rankings: dict[str, tuple[in
         rows = [sweep_row(patches, setting, _top(rankings, setting), config, False)
                 for setting in candidate_settings(rankings, config.tuning_rules, n_latents, grid, fixed_n)]
         weights_RB = bootstrap_weights(model.n_images, config.bootstrap_resamples,
-                                       [config.seed, class_index, TUNING_STREAM])
+                                       [config.seed, class_index, TUNING_STREAM]).astype(np.float64)  # cast once
         checks: dict[Setting, tuple[SweepRow, float]] = {}
 
         def check(row: SweepRow) -> tuple[SweepRow, float]:

@@ -129,11 +129,17 @@ class PatchBaseline:
 
     @classmethod
     def build(cls, logits_NC: torch.Tensor, labels_N: torch.Tensor) -> PatchBaseline:
-        top = logits_NC[:, 1:].topk(min(cls.TOP, logits_NC.shape[1] - 1), dim=1)
-        classes_NK, order = (top.indices + 1).sort(dim=1)
-        scale = float(logits_NC.abs().max()) if logits_NC.numel() else 0.0
+        # The best classes a block of tokens at a time: a top-k of the whole [N, 150] view would copy the logits.
+        K, step = min(cls.TOP, logits_NC.shape[1] - 1), max(1, CHUNK_VALUES // N_OUTPUTS)
+        blocks = [logits_NC[a:a + step, 1:].topk(K, dim=1) for a in range(0, len(logits_NC), step)]
+        top_values = torch.cat([b.values for b in blocks]) if blocks else torch.zeros(0, K)
+        top_indices = torch.cat([b.indices for b in blocks]) if blocks else torch.zeros(0, K, dtype=torch.int64)
+        del blocks
+        classes_NK, order = (top_indices + 1).sort(dim=1)
+        del top_indices
+        scale = largest_magnitude(logits_NC)
         pred_N = patch_predictions(logits_NC)
-        margin_N = (top.values[:, 0] - top.values[:, 1]).double() if top.values.shape[1] > 1 else \
+        margin_N = (top_values[:, 0] - top_values[:, 1]).double() if K > 1 else \
             torch.full((len(logits_NC),), math.inf, dtype=torch.float64)
         span = 2.0 ** math.ceil(math.log2(float(margin_N.max()) + 2.0)) if len(margin_N) else 1.0
         by_margin = torch.argsort(margin_N, stable=True)
@@ -142,7 +148,8 @@ class PatchBaseline:
         start_P[1:] = torch.cumsum(torch.bincount(pred_N, minlength=N_OUTPUTS), 0)
         position_N = (classes_NK == pred_N[:, None]).int().argmax(1).to(torch.uint8)
         return cls(logits_NC, pred_N, classes_NK.to(torch.uint8),
-                   top.values.gather(1, order), position_N, margin_N.float(), top.values[:, -1], labels_N.long(),
+                   top_values.gather(1, order), position_N, margin_N.float(), top_values[:, -1].clone(),
+                   labels_N.long(),
                    order_N, margin_N[order_N] + pred_N[order_N].double() * span, start_P, span,
                    RELATIVE_TOLERANCE * (1.0 + scale))
 
@@ -178,14 +185,14 @@ class PatchBaseline:
             if len(shift.rows_M):
                 row_N = torch.zeros(len(self.pred_N), dtype=torch.bool)
                 row_N[shift.rows_M] = True
-                cand_X = cand_X[~row_N[cand_X]]
+                cand_X = cand_X[~row_N.index_select(0, cand_X)]
             for a in range(0, len(cand_X), SETTLE_BLOCK):
                 block_X = cand_X[a:a + SETTLE_BLOCK]
                 pred_X, settled_X = self._settle(block_X, d_C, tol)
                 redo = (~settled_X).nonzero().squeeze(1)
                 if len(redo):
                     pred_X[redo] = patch_predictions(self.logits_NC[block_X[redo]] + d_C)
-                keep = pred_X != self.pred_N[block_X]
+                keep = pred_X != self.pred_N.index_select(0, block_X)
                 tokens.append(block_X[keep])
                 preds.append(pred_X[keep])
         if len(shift.rows_M):
@@ -204,14 +211,18 @@ class PatchBaseline:
         rows_M, row_C, own = shift.rows_M, shift.row_C, shift.own
         pred_M, margin_M, own_MK, own_max_M, own_abs, own_pred_M = self._row_terms(shift)
         tol = self.tolerance + RELATIVE_TOLERANCE * (float(row_C.abs().max()) + own_abs)
-        open_R = (margin_M <= self._loss(row_C)[pred_M] + (own_max_M - own_pred_M) + tol).nonzero().squeeze(1)
-        rows_R = rows_M[open_R]
-        pred_R, settled_R = self._settle(rows_R, row_C, tol, own_MK[open_R], own, own_max_M[open_R], open_R)
-        redo = (~settled_R).nonzero().squeeze(1)
-        if len(redo):
-            pred_R[redo] = patch_predictions(self.logits_NC[rows_R[redo]] + row_C + own.full(open_R[redo]))
+        open_R = (margin_M <= self._loss(row_C).index_select(0, pred_M) + (own_max_M - own_pred_M) + tol
+                  ).nonzero().squeeze(1)
         pred_M = pred_M.clone()
-        pred_M[open_R] = pred_R
+        for a in range(0, len(open_R), SETTLE_BLOCK):
+            open_X = open_R[a:a + SETTLE_BLOCK]
+            rows_X = rows_M.index_select(0, open_X)
+            pred_X, settled_X = self._settle(rows_X, row_C, tol, own_MK.index_select(0, open_X), own,
+                                             own_max_M.index_select(0, open_X), open_X)
+            redo = (~settled_X).nonzero().squeeze(1)
+            if len(redo):
+                pred_X[redo] = patch_predictions(self.logits_NC[rows_X[redo]] + row_C + own.full(open_X[redo]))
+            pred_M[open_X] = pred_X
         return pred_M
 
     def _row_terms(self, shift: LogitShift) -> tuple:
@@ -239,15 +250,18 @@ class PatchBaseline:
         """Per token, the argmax of logits + d (+ its own term) over its `TOP` best baseline classes and the `TOP`
         classes d raises most, and whether it is proven the argmax over all classes: it beats what any other class
         can reach, the token's floor + the next largest d (+ the own term's largest value)."""
-        top_XK = self.top_classes_NK[tokens_X].long()
+        # Gathers by index_select: several times faster than advanced indexing on scattered tokens.
+        top_XK = self.top_classes_NK.index_select(0, tokens_X).long()
         raised = d_C[1:].topk(min(self.TOP + 1, len(d_C) - 1))
         classes_J, next_d = raised.indices[:self.TOP] + 1, raised.values[-1]
-        values_XK = self.top_logits_NK[tokens_X] + d_C[top_XK]
-        values_XJ = self.logits_NC[tokens_X[:, None], classes_J] + d_C[classes_J]
-        bound_X = self.floor_N[tokens_X] + next_d
+        values_XK = self.top_logits_NK.index_select(0, tokens_X) + d_C.index_select(0, top_XK.reshape(-1)).reshape(
+            top_XK.shape)
+        at_XJ = (tokens_X[:, None] * self.logits_NC.shape[1] + classes_J).reshape(-1)
+        values_XJ = self.logits_NC.reshape(-1).index_select(0, at_XJ).reshape(len(tokens_X), -1) + d_C[classes_J]
+        bound_X = self.floor_N.index_select(0, tokens_X) + next_d
         if own is not None:
             values_XK = values_XK + own_XK
-            values_XJ = values_XJ + own.at(classes_J)[own_rows_X]
+            values_XJ = values_XJ + own.at(classes_J).index_select(0, own_rows_X)
             bound_X = bound_X + own_max_X
         values = torch.cat([values_XK, values_XJ], 1)
         classes = torch.cat([top_XK, classes_J.expand(len(tokens_X), -1)], 1)
@@ -309,8 +323,23 @@ class RayExit:
         changed_N = ~kept_N
         redo = (~sure_N).nonzero().squeeze(1)
         if len(redo):
-            changed_N[redo] = patch_predictions(patch.logits_NC[redo] + shift.dense(redo)) != patch.pred_N[redo]
+            changed_N[redo] = recomputed(patch.logits_NC, redo, lambda a, b: shift.dense(redo[a:b])) != \
+                patch.pred_N[redo]
         return changed_N
+
+
+def recomputed(logits_NC: torch.Tensor, tokens_X: torch.Tensor, delta) -> torch.Tensor:
+    """The predictions of `tokens_X` on logits + delta(a, b) (the deltas of tokens_X[a:b]), a block at a time."""
+    out = torch.empty(len(tokens_X), dtype=torch.int64)
+    for a in range(0, len(tokens_X), SETTLE_BLOCK):
+        b = min(a + SETTLE_BLOCK, len(tokens_X))
+        out[a:b] = patch_predictions(logits_NC[tokens_X[a:b]] + delta(a, b))
+    return out
+
+
+def largest_magnitude(values: torch.Tensor) -> float:
+    """max |v| without a copy of the values (0 for none)."""
+    return max(float(values.max()), -float(values.min())) if values.numel() else 0.0
 
 
 class _Csr:
@@ -380,7 +409,7 @@ class PixelBaseline:
             hist.append(_Csr.count_pairs(windows, labels))
             pairs_of.append(_Csr.count_pairs(windows, pairs))
         counts = counts.reshape(N_OUTPUTS, N_OUTPUTS)
-        tolerance = RELATIVE_TOLERANCE * (1.0 + (float(logits_NC.abs().max()) if logits_NC.numel() else 0.0))
+        tolerance = RELATIVE_TOLERANCE * (1.0 + largest_magnitude(logits_NC))
         win_class, win_margin, keys, margins = [], [], [], []
         step = max(1, CHUNK_VALUES // (4 * N_OUTPUTS))
         for a in range(0, geo.n_windows, step):
@@ -483,11 +512,15 @@ class ImageCounts:
 
     def __init__(self, class_index: int, pixel_labels_BHW: torch.Tensor, pixel_pred_BHW: torch.Tensor):
         self.class_index = class_index
-        labels_BX = pixel_labels_BHW.reshape(len(pixel_labels_BHW), -1)
-        pred_c_BX = (pixel_pred_BHW.reshape(len(pixel_pred_BHW), -1) == class_index) & (labels_BX != 0)
-        self.gt_B = (labels_BX == class_index).sum(1)
-        self.pred_B = pred_c_BX.sum(1)
-        self.tp_B = (pred_c_BX & (labels_BX == class_index)).sum(1)
+        gt, pred, tp = [], [], []
+        for a in range(0, len(pixel_labels_BHW), 64):  # a block of images at a time: no full-size temporaries
+            labels_BX = pixel_labels_BHW[a:a + 64].flatten(1)
+            pred_c_BX = (pixel_pred_BHW[a:a + 64].flatten(1) == class_index) & (labels_BX != 0)
+            gt.append((labels_BX == class_index).sum(1))
+            pred.append(pred_c_BX.sum(1))
+            tp.append((pred_c_BX & (labels_BX == class_index)).sum(1))
+        self.gt_B, self.pred_B, self.tp_B = (torch.cat(p) if p else torch.zeros(0, dtype=torch.int64)
+                                             for p in (gt, pred, tp))
 
     def add(self, image_E: torch.Tensor, label_E: torch.Tensor, pred_E: torch.Tensor, count_E: torch.Tensor) -> None:
         hit = pred_E == self.class_index

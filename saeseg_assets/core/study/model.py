@@ -3,6 +3,7 @@ of one set of images with their labels, and the baseline predictions with the ma
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 class SuppressionModel:
     """The shared inputs of one set of images (validation, or the held-out training images used for tuning).
-    `pixel=False` leaves out the pixel level (tuning is measured on patches). With a `propagation` (the backbone's
+    `pixel=False` leaves out the pixel level and holds no pixel data (tuning is measured on patches: its labels'
+    shape gives the number of images). With a `propagation` (the backbone's
     tail and the final-layer probe) edits go through the tail (mechanism "propagate"), and `codes` must carry the
     final probe's baseline logits after the tail; without one they are taken into the probe's logits directly
     (mechanism "shortcut")."""
@@ -32,17 +34,17 @@ class SuppressionModel:
         self.probe_W_CD = probe_W_CD.float()
         self.max_activation_S = torch.as_tensor(np.asarray(max_activation_S), dtype=torch.float32)
         self.frequency_S = np.asarray(frequency_S, dtype=np.float64)
-        self.codes = codes
+        self.codes = codes if pixel else replace(codes, pixel_pred_BHW=codes.pixel_pred_BHW[:0])
         self.grid = grid
-        self.pixel_labels_BHW = pixel_labels_BHW
+        self._n_images = len(pixel_labels_BHW)
+        self.pixel_labels_BHW = pixel_labels_BHW if pixel else None
         with single_thread():
             self.patch = PatchBaseline.build(codes.logits_NC, patch_labels_N)
             self.pixel = (PixelBaseline.build(codes.logits_NC, pixel_labels_BHW, codes.pixel_pred_BHW, grid)
                           if pixel else None)
         self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK) if pixel else None
-        self.pixels_BC = torch.cat([_class_pixels(pixel_labels_BHW[a:a + 64])
-                                    for a in range(0, len(pixel_labels_BHW), 64)]) if len(pixel_labels_BHW) else \
-            torch.zeros(0, N_OUTPUTS, dtype=torch.int64)
+        self.pixels_BC = None if not pixel else torch.cat([_class_pixels(pixel_labels_BHW[a:a + 64]) for a in range(
+            0, len(pixel_labels_BHW), 64)]) if len(pixel_labels_BHW) else torch.zeros(0, N_OUTPUTS, dtype=torch.int64)
 
     @property
     def n_tokens(self) -> int:
@@ -50,7 +52,7 @@ class SuppressionModel:
 
     @property
     def n_images(self) -> int:
-        return len(self.pixel_labels_BHW)
+        return self._n_images
 
     @property
     def mechanism(self) -> str:
@@ -86,8 +88,6 @@ def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixe
     images (all of `cache`, or the spans the codes were computed on) and their labels. With a `tail` (a
     `BackboneTail` after the cache's layer), `probe_folder` holds the final-layer probe and the model propagates:
     its baseline is that probe after the tail on the recorded, unedited tokens."""
-    from dataclasses import replace
-
     from ..probe.metrics import grid_logits, pixel_predictions
     from ..probe.model import load_probe
     from ..sae.model import load_sae
@@ -108,7 +108,9 @@ def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixe
     def read(field: str) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([cache.read(field, a, b) for a, b in spans]))
 
-    labels_N, pixels_BHW = read("patch_labels").reshape(-1), read("pixel_labels")
+    labels_N = read("patch_labels").reshape(-1)
+    # Without the pixel level only the number of images is read from the labels.
+    pixels_BHW = read("pixel_labels") if pixel else torch.zeros(n_images, 0, 0, dtype=torch.uint8)
     propagation = None
     if tail is not None:
         if probe.layer != "final":
@@ -123,8 +125,8 @@ def load_model(sae_folder, probe_folder, stats_folder, codes_folder, cache, pixe
         logits_NC = propagation.baseline_logits()
         P, crop = cache.n_patches, pixels_BHW.shape[-1]
         pixel_pred_BHW = torch.cat([pixel_predictions(grid_logits(logits_NC[a * P:(a + 16) * P].reshape(
-            -1, P, N_OUTPUTS), cache.grid), crop).to(torch.uint8) for a in range(0, n_images, 16)]) if n_images \
-            else codes.pixel_pred_BHW
+            -1, P, N_OUTPUTS), cache.grid), crop).to(torch.uint8) for a in range(0, n_images, 16)]) \
+            if n_images and pixel else codes.pixel_pred_BHW
         codes = replace(codes, logits_NC=logits_NC, pixel_pred_BHW=pixel_pred_BHW)
     return SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, codes,
                             labels_N, pixels_BHW, cache.grid, pixel, propagation)

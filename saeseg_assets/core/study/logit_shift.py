@@ -184,7 +184,7 @@ class PatchBaseline:
             cand_X = self.candidates(self.limits(d_C, tol))
             if len(shift.rows_M):
                 row_N = torch.zeros(len(self.pred_N), dtype=torch.bool)
-                row_N[shift.rows_M] = True
+                row_N.index_fill_(0, shift.rows_M, True)
                 cand_X = cand_X[~row_N.index_select(0, cand_X)]
             for a in range(0, len(cand_X), SETTLE_BLOCK):
                 block_X = cand_X[a:a + SETTLE_BLOCK]
@@ -198,7 +198,7 @@ class PatchBaseline:
         if len(shift.rows_M):
             if "pred_M" not in shift.rows_memo:
                 shift.rows_memo["pred_M"] = self._row_predictions(shift)
-            keep = shift.rows_memo["pred_M"] != self.pred_N[shift.rows_M]
+            keep = shift.rows_memo["pred_M"] != self.pred_N.index_select(0, shift.rows_M)
             tokens.append(shift.rows_M[keep])
             preds.append(shift.rows_memo["pred_M"][keep])
         if not tokens:
@@ -231,9 +231,10 @@ class PatchBaseline:
         own = shift.own
         if own.rows_terms is None:
             rows_M = shift.rows_M
-            own_MK, own_max_M, own_abs = own.top(self.top_classes_NK[rows_M])
-            own_pred_M = own_MK.gather(1, self.pred_position_N[rows_M].long()[:, None])[:, 0]
-            own.rows_terms = (self.pred_N[rows_M], self.margin_N[rows_M], own_MK, own_max_M, own_abs, own_pred_M)
+            own_MK, own_max_M, own_abs = own.top(self.top_classes_NK.index_select(0, rows_M))
+            own_pred_M = own_MK.gather(1, self.pred_position_N.index_select(0, rows_M).long()[:, None])[:, 0]
+            own.rows_terms = (self.pred_N.index_select(0, rows_M), self.margin_N.index_select(0, rows_M), own_MK,
+                              own_max_M, own_abs, own_pred_M)
         return own.rows_terms
 
     @staticmethod

@@ -88,7 +88,7 @@ class ClassPatches:
 
     def counted(self, tokens_X: torch.Tensor, pred_X: torch.Tensor | None) -> Changed:
         """The changed tokens with their per-image target and other counts."""
-        labels_X = self.model.patch.labels_N[tokens_X]
+        labels_X = self.model.patch.labels_N.index_select(0, tokens_X)
         target = labels_X == self.class_index
         # Kept compact (5 bytes a token, not 16): many settings' changes stay cached.
         return Changed(tokens_X.int(), None if pred_X is None else pred_X.to(torch.uint8),

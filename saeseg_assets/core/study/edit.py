@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..probe.metrics import N_OUTPUTS
-from .logit_shift import LogitShift, RowTerm
+from .logit_shift import CHUNK_VALUES, LogitShift, RowTerm, tensor_bytes
 from .model import SuppressionModel
 
 
@@ -29,12 +29,14 @@ class LatentEdit:
         G_LL = W_LD @ W_LD.T
         self.mGm = float(self.max_L @ G_LL @ self.max_L) if self.latents else 0.0
         self.fGm_U = self.codes_UL @ (G_LL @ self.max_L) if self.latents else torch.zeros(0)
-        self.fGf_U = ((self.codes_UL @ G_LL) * self.codes_UL).sum(1) if self.latents else torch.zeros(0)
+        # f G f a block of tokens at a time (codes_UL @ G_LL whole is as large as the codes).
+        self.fGf_U = torch.cat([((f_BL @ G_LL) * f_BL).sum(1) for f_BL in self.codes_UL.split(
+            max(1, CHUNK_VALUES // max(len(index), 1)))]) if len(self.tokens_U) and self.latents else torch.zeros(0)
 
     @property
     def size_bytes(self) -> int:
-        """Roughly what it holds: the codes and per-token terms."""
-        return len(self.tokens_U) * (4 * len(self.latents) + 8)
+        """What it holds: the codes and per-token terms."""
+        return tensor_bytes(self.tokens_U, self.codes_UL, self.fGm_U, self.fGf_U)
 
     @property
     def n_tokens(self) -> int:
@@ -60,15 +62,16 @@ class LatentEffect(LatentEdit):
         super().__init__(model, latents)
         P_LC = model.decoder_logits(self.latents)
         self.unit_C = self.max_L @ P_LC if self.latents else torch.zeros(N_OUTPUTS)
-        # On the tokens where they fire, the latents' own contribution leaves: -codes_UL P_LC.
-        self.own = RowTerm(-self.codes_UL, P_LC) if self.latents else RowTerm(torch.zeros(0, N_OUTPUTS))
+        # On the tokens where they fire, the latents' own contribution leaves: -codes_UL P_LC, held as
+        # codes_UL (-P_LC) (the same products, exactly) with no copy of the codes.
+        self.own = RowTerm(self.codes_UL, -P_LC) if self.latents else RowTerm(torch.zeros(0, N_OUTPUTS))
         self._rows: dict[float, dict] = {}  # per scale, the rows' predictions, the same in both modes
 
     @property
     def size_bytes(self) -> int:
-        """Roughly what it holds: the codes, the own term at each token's best classes, the rows' predictions."""
-        U = len(self.tokens_U)
-        return U * (4 * len(self.latents) + 4 * 14 + 8 * len(self._rows))
+        """What it holds: the codes and per-token terms, the own term's kept values, the rows' predictions."""
+        return super().size_bytes + self.own.kept_bytes + tensor_bytes(*(
+            v for memo in self._rows.values() for v in memo.values()))
 
     def shift(self, scale: float, mode: str, images: list[int] | None = None) -> LogitShift:
         """The edit in logit space (on every token: `images`, those a caller reads, saves nothing here)."""

@@ -31,6 +31,11 @@ class RowTerm:
         self.rows_terms: tuple | None = None  # kept by `PatchBaseline._row_terms` for the rows of one baseline
         self._at: dict = {}
 
+    @property
+    def kept_bytes(self) -> int:
+        """What it keeps beyond its coefficients: its top values, its rows' terms, its values at the last classes."""
+        return tensor_bytes(*(self._top or ()), *(self.rows_terms or ()), *self._at.values())
+
     def full(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The term's rows (those of `index`, or all): [M, C]."""
         coef = self.coef_MR if index is None else self.coef_MR[index]
@@ -336,6 +341,11 @@ def recomputed(logits_NC: torch.Tensor, tokens_X: torch.Tensor, delta) -> torch.
         b = min(a + SETTLE_BLOCK, len(tokens_X))
         out[a:b] = patch_predictions(logits_NC[tokens_X[a:b]] + delta(a, b))
     return out
+
+
+def tensor_bytes(*values) -> int:
+    """The bytes of the tensors among `values` (other values count 0)."""
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
 def largest_magnitude(values: torch.Tensor) -> float:

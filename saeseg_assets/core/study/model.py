@@ -12,7 +12,7 @@ import torch
 from ..probe.metrics import N_OUTPUTS, ConfusionMatrix
 from .codes import Codes
 from .logit_shift import PatchBaseline, PixelBaseline
-from .workers import single_thread
+from .workers import release_memory, single_thread
 
 if TYPE_CHECKING:
     from .propagate import Propagation
@@ -45,6 +45,7 @@ class SuppressionModel:
         self.pixel_before = ConfusionMatrix.from_counts(self.pixel.counts_KK) if pixel else None
         self.pixels_BC = None if not pixel else torch.cat([_class_pixels(pixel_labels_BHW[a:a + 64]) for a in range(
             0, len(pixel_labels_BHW), 64)]) if len(pixel_labels_BHW) else torch.zeros(0, N_OUTPUTS, dtype=torch.int64)
+        release_memory()  # the blocks the baselines were built from
 
     @property
     def n_tokens(self) -> int:

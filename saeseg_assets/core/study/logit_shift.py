@@ -432,14 +432,20 @@ class PixelBaseline:
             win_class.append(torch.where(margin_R <= tolerance, -1, cls_R + 1))
             win_margin.append(margin_R)
             sub = corner_R4C[contested]
+            keys_c, margins_c = [], []
             for _, group, pred, margin in contested_predictions(
                     geo, chunk[contested], hi_RC[contested], lo_RC[contested], _gatherer(sub), tolerance, True):
-                keys.append((chunk[contested][group][:, None] * N_OUTPUTS + pred + 1).reshape(-1))
-                margins.append(margin.reshape(-1))
-        keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        least = torch.full((len(unique),), float("inf")).scatter_reduce(
-            0, inverse, torch.cat(margins) if margins else torch.zeros(0), reduce="amin")
+                keys_c.append((chunk[contested][group][:, None] * N_OUTPUTS + pred + 1).reshape(-1))
+                margins_c.append(margin.reshape(-1))
+            if keys_c:
+                # Each (window, class) once with its smallest margin, a chunk at a time (there is one entry per
+                # pixel before): chunks hold disjoint, ascending windows, so their entries concatenate in order.
+                unique_c, inverse = torch.unique(torch.cat(keys_c), return_inverse=True)
+                keys.append(unique_c)
+                margins.append(torch.full((len(unique_c),), float("inf")).scatter_reduce(
+                    0, inverse, torch.cat(margins_c), reduce="amin"))
+        unique = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+        least = torch.cat(margins) if margins else torch.zeros(0)
         return cls(geo, torch.cat(win_class), torch.cat(win_margin), unique // N_OUTPUTS, unique % N_OUTPUTS, least,
                    labels_S, _Csr(hist, geo.n_windows), _Csr(pairs_of, geo.n_windows), counts, tolerance)
 

@@ -12,8 +12,8 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .artifacts import write_atomic
 
@@ -51,7 +51,16 @@ def load_tensors(folder_or_file: Path, stem: str) -> tuple[dict[str, torch.Tenso
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a truncated or corrupt file is an error that names it."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+        tensors = {}
+        for name in names:
+            # Each tensor on a mapping of its own (its pages read from the file when used): a tensor moved elsewhere
+            # (the study's shared memory) releases its pages. With one mapping per file, every page read stayed
+            # resident until the file's last tensor went: at ADE20K's shape, 0.7 GB more at the study's peak.
+            with safe_open(str(path), framework="pt") as f:
+                tensors[name] = f.get_tensor(name)
+        return tensors
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
 

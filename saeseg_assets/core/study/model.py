@@ -34,7 +34,7 @@ class SuppressionModel:
         self.probe_W_CD = probe_W_CD.float()
         self.max_activation_S = torch.as_tensor(np.asarray(max_activation_S), dtype=torch.float32)
         self.frequency_S = np.asarray(frequency_S, dtype=np.float64)
-        self.codes = codes if pixel else replace(codes, pixel_pred_BHW=codes.pixel_pred_BHW[:0])
+        self.codes = codes if pixel else replace(codes, pixel_pred_BHW=codes.pixel_pred_BHW[:0].clone())
         self.grid = grid
         self._n_images = len(pixel_labels_BHW)
         self.pixel_labels_BHW = pixel_labels_BHW if pixel else None

@@ -18,6 +18,7 @@ CHUNK_VALUES = 1 << 22  # logit values held at once per image chunk
 DENSE_SHARE = 0.25  # above this share of windows to recompute, pool the whole logit grid instead of gathering
 SPARSE_SHARE = 0.05  # above this share of tokens as candidates, find them by one pass over the margins
 SETTLE_BLOCK = 1 << 15  # candidate tokens settled at once
+CACHE_VALUES = 1 << 18  # values per block of a row term's products: small enough to stay in the processor's cache
 
 
 class RowTerm:
@@ -38,7 +39,9 @@ class RowTerm:
 
     def full(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The term's rows (those of `index`, or all): [M, C]."""
-        coef = self.coef_MR if index is None else self.coef_MR[index]
+        return self._times_basis(self.coef_MR if index is None else self.coef_MR.index_select(0, index))
+
+    def _times_basis(self, coef: torch.Tensor) -> torch.Tensor:
         return coef if self.basis_RC is None else coef @ self.basis_RC
 
     def at(self, classes_J: torch.Tensor) -> torch.Tensor:
@@ -60,9 +63,9 @@ class RowTerm:
                          float(a_M.abs().max()) * float(b_C.abs().max()) if len(a_M) else 0.0)
         if self._top is None:
             parts = []
-            step = max(1, CHUNK_VALUES // N_OUTPUTS)
+            step = max(1, CACHE_VALUES // N_OUTPUTS)
             for a in range(0, len(self.coef_MR), step):
-                own_mC = self.full(torch.arange(a, min(a + step, len(self.coef_MR))))
+                own_mC = self._times_basis(self.coef_MR[a:a + step])
                 parts.append((own_mC.gather(1, classes_MK[a:a + step].long()), own_mC[:, 1:].amax(1),
                               own_mC.abs().amax(1)))
             if parts:
@@ -196,7 +199,7 @@ class PatchBaseline:
                 pred_X, settled_X = self._settle(block_X, d_C, tol)
                 redo = (~settled_X).nonzero().squeeze(1)
                 if len(redo):
-                    pred_X[redo] = patch_predictions(self.logits_NC[block_X[redo]] + d_C)
+                    pred_X[redo] = patch_predictions(self.logits_NC.index_select(0, block_X[redo]) + d_C)
                 keep = pred_X != self.pred_N.index_select(0, block_X)
                 tokens.append(block_X[keep])
                 preds.append(pred_X[keep])
@@ -226,7 +229,8 @@ class PatchBaseline:
                                              own_max_M.index_select(0, open_X), open_X)
             redo = (~settled_X).nonzero().squeeze(1)
             if len(redo):
-                pred_X[redo] = patch_predictions(self.logits_NC[rows_X[redo]] + row_C + own.full(open_X[redo]))
+                pred_X[redo] = patch_predictions(self.logits_NC.index_select(0, rows_X[redo]) + row_C +
+                                                 own.full(open_X[redo]))
             pred_M[open_X] = pred_X
         return pred_M
 
@@ -339,7 +343,7 @@ def recomputed(logits_NC: torch.Tensor, tokens_X: torch.Tensor, delta) -> torch.
     out = torch.empty(len(tokens_X), dtype=torch.int64)
     for a in range(0, len(tokens_X), SETTLE_BLOCK):
         b = min(a + SETTLE_BLOCK, len(tokens_X))
-        out[a:b] = patch_predictions(logits_NC[tokens_X[a:b]] + delta(a, b))
+        out[a:b] = patch_predictions(logits_NC.index_select(0, tokens_X[a:b]) + delta(a, b))
     return out
 
 

@@ -16,7 +16,7 @@ from .logit_shift import LogitShift, RayExit
 from .measures import ratio
 from .model import SuppressionModel
 
-EFFECT_CACHE_BYTES = 1 << 28  # latent sets' effects kept for their other scales, modes and controls
+EFFECT_CACHE_BYTES = 1 << 27  # latent sets' effects kept for their other scales, modes and controls
 CHANGED_CACHE = 1 << 24  # changed tokens kept over the settings already evaluated
 
 

@@ -31,7 +31,7 @@ from saeseg_assets.core.report.results import Selection
 from saeseg_assets.core.sae.model import Sae, SaeSpec, load_sae, save_sae
 from saeseg_assets.core.settings import RULES, SelectionSettings, StatsSettings, SuppressionSettings
 from saeseg_assets.core.store.artifacts import OutputSpec, Store
-from saeseg_assets.core.study.codes import compute_codes, save_codes
+from saeseg_assets.core.study.codes import load_codes, write_codes
 from saeseg_assets.core.study.latent_stats import compute_latent_stats, load_latent_stats, save_latent_stats
 from saeseg_assets.core.study.model import load_model
 from saeseg_assets.core.study.rules import margin_effects, select_class_latents
@@ -233,9 +233,9 @@ def stage_latent_stats(paths: dict, options: argparse.Namespace) -> dict:
 def _codes(paths: dict, options: argparse.Namespace, split: str, out: str) -> dict:
     probe, images = load_probe(paths["inputs"] / "probe"), cache(paths, split)
     spans = tuning_spans(probe, images)[0] if split == "train" else None
-    codes = compute_codes(load_sae(paths["inputs"] / "sae")[0], probe, images, options.device,
-                              log=lambda _: None, spans=spans)
-    save_codes(paths[out], codes)
+    write_codes(paths[out], load_sae(paths["inputs"] / "sae")[0], probe, images, options.device, log=lambda _: None,
+                spans=spans)
+    codes = load_codes(paths[out])
     return {"tokens": codes.n_tokens, "codes_per_token": round(len(codes.values_M) / max(codes.n_tokens, 1), 1)}
 
 

@@ -10,7 +10,9 @@ Usage: python benchmarks/suppression.py [--data data] [--sae DIR] [--probe DIR] 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +34,21 @@ from saeseg_assets.core.settings import (
 )
 from saeseg_assets.core.store.artifacts import Store
 from saeseg_assets.core.study.class_study import study_class
-from saeseg_assets.core.study.codes import compute_codes
+from saeseg_assets.core.study.codes import load_codes, write_codes
 from saeseg_assets.core.study.latent_stats import compute_latent_stats
 from saeseg_assets.core.study.logit_shift import PatchBaseline, PixelBaseline
 from saeseg_assets.core.study.model import SuppressionModel
 from saeseg_assets.core.study.rules import margin_effects, select_class_latents
+
+
+def codes_of(sae, probe, cache: ActivationCache, spans=None):
+    """The codes as val_codes writes them (to a scratch folder) and the study reads them back."""
+    folder = Path(tempfile.mkdtemp(prefix="saeseg-codes-"))
+    try:
+        write_codes(folder, sae, probe, cache, log=lambda _: None, spans=spans)
+        return load_codes(folder)  # mapped: the tensors stay readable once their files are removed
+    finally:
+        shutil.rmtree(folder)
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -131,13 +143,13 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
 
     t_stats, stats = timed(lambda: compute_latent_stats(sae, train, StatsSettings(), log=lambda _: None), 1)
-    t_codes, codes = timed(lambda: compute_codes(sae, probe, val, log=lambda _: None), 1)
+    t_codes, codes = timed(lambda: codes_of(sae, probe, val), 1)
     labels_N = torch.from_numpy(val.read("patch_labels", 0, val.n_images)).reshape(-1)
     pixels = torch.from_numpy(val.read("pixel_labels", 0, val.n_images))
     t_model, model = timed(lambda: SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S,
                                                     stats.frequency_S, codes, labels_N, pixels, val.grid), 1)
     held = split_held_out(train, SweepSettings().held_out_fraction, SweepSettings().seed)[1]
-    t_tuning, tuning_codes = timed(lambda: compute_codes(sae, probe, train, log=lambda _: None, spans=held), 1)
+    t_tuning, tuning_codes = timed(lambda: codes_of(sae, probe, train, held), 1)
     tuning = SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, stats.act_max_S, stats.frequency_S, tuning_codes,
                               torch.from_numpy(np.concatenate([train.read("patch_labels", a, b) for a, b in held]))
                               .reshape(-1), torch.from_numpy(np.concatenate([train.read("pixel_labels", a, b)

@@ -22,7 +22,7 @@ from saeseg_assets.core.report.summary import oracle, setting_counts
 from saeseg_assets.core.sae.model import Sae, SaeSpec
 from saeseg_assets.core.settings import MODES, SuppressionSettings
 from saeseg_assets.core.study.class_study import study_class
-from saeseg_assets.core.study.codes import compute_codes
+from saeseg_assets.core.study.codes import load_codes, write_codes
 from saeseg_assets.core.study.controls import control_draws, matched_latents, smallest
 from saeseg_assets.core.study.edit import LatentEffect, edited_activations
 from saeseg_assets.core.study.examples import validation_crops
@@ -40,6 +40,12 @@ from saeseg_assets.core.study.measures import is_class_specific
 from saeseg_assets.core.study.model import SuppressionModel
 
 QUIET = dict(log=lambda _: None)
+
+
+def codes_of(folder, sae, probe, cache, **options):
+    """The codes as val_codes writes them to `folder` and the study reads them back."""
+    write_codes(folder, sae, probe, cache, **QUIET, **options)
+    return load_codes(folder)
 
 
 def write_val_cache(path, acts_BPD, labels_Bhw, patch_size=2) -> ActivationCache:
@@ -84,7 +90,7 @@ def tiny_world(tmp_path):
         weight[label, j] = 1.0
     bias[1] = 0.5
     probe = Probe(weight, bias)
-    codes = compute_codes(sae, probe, cache, **QUIET)
+    codes = codes_of(tmp_path / "codes", sae, probe, cache)
     max_act = np.array([2.9, 2.9, 2.9, 0.0, 0.0, 0.0])
     freq = np.array([0.33, 0.17, 0.17, 0.0, 0.0, 0.0])
     pixels = torch.from_numpy(cache.read("pixel_labels", 0, 3))
@@ -133,6 +139,36 @@ def test_suppressing_the_latent_the_probe_reads_flips_exactly_its_patches(tmp_pa
     assert all(row.iou_change == 0 for row in moved[1:])
 
 
+def test_codes_written_chunk_by_chunk_are_every_latents_column(tmp_path):
+    """val_codes sorts its codes a chunk at a time on disk and merges them into columns a range of latents at a
+    time: with chunks of a few codes and spans of the images, each latent's column is still every token where it
+    fires, ascending, with its code there; the logits and pixel predictions are the probe's."""
+    gen = torch.Generator().manual_seed(3)
+    d, S = 6, 20
+    sae = Sae(SaeSpec("topk", d, S, 3))
+    with torch.no_grad():
+        sae.W_enc_SD.copy_(torch.randn(S, d, generator=gen))
+        sae.W_dec_SD.copy_(torch.randn(S, d, generator=gen))
+    probe = Probe(torch.randn(151, d, generator=gen), torch.randn(151, generator=gen))
+    acts = torch.randn(7, 4, d, generator=gen).numpy()
+    labels = np.random.default_rng(3).choice([0, 3, 10], size=(7, 2, 2)).astype(np.uint8)
+    cache = write_val_cache(tmp_path / "val.zarr", acts, labels)
+    spans = [(1, 3), (4, 7)]
+    codes = codes_of(tmp_path / "codes", sae, probe, cache, spans=spans, block_images=2, chunk_entries=5)
+    x_ND = torch.from_numpy(np.concatenate([acts[a:b] for a, b in spans]).reshape(-1, d))
+    with torch.no_grad():
+        vals_NK, idx_NK = sae.encode(x_ND)
+    assert len(codes.values_M) == int((vals_NK > 0).sum()) and codes.indptr_S1[-1] == len(codes.values_M)
+    for latent in range(S):
+        fires_NK = (idx_NK == latent) & (vals_NK > 0)
+        tokens, values = codes.column(latent)
+        assert tokens.tolist() == fires_NK.any(1).nonzero().squeeze(1).tolist()
+        assert torch.equal(values, vals_NK[fires_NK])
+    assert torch.allclose(codes.logits_NC, x_ND @ probe.weight_CD.T + probe.bias_C, atol=1e-5)
+    assert codes.pixel_pred_BHW.shape == (5, 4, 4) and codes.meta["cache"]["spans"] == [[1, 3], [4, 7]]
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["val_codes.json", "val_codes.safetensors"]
+
+
 def test_shortcut_equals_the_explicit_form(tmp_path):
     gen = torch.Generator().manual_seed(0)
     d, S = 8, 24
@@ -145,7 +181,7 @@ def test_shortcut_equals_the_explicit_form(tmp_path):
     acts = torch.randn(4, 9, d, generator=gen).numpy()
     labels = np.random.default_rng(0).choice([0, 3, 10], size=(4, 3, 3)).astype(np.uint8)
     cache = write_val_cache(tmp_path / "val.zarr", acts, labels)
-    codes = compute_codes(sae, probe, cache, **QUIET)
+    codes = codes_of(tmp_path / "codes", sae, probe, cache)
     max_act = np.abs(np.random.default_rng(1).standard_normal(S)) + 1
     pixels = torch.from_numpy(cache.read("pixel_labels", 0, 4))
     model = SuppressionModel(sae.W_dec_SD.detach(), probe.weight_CD, max_act, np.full(S, 0.1), codes,

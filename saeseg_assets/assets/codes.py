@@ -13,7 +13,7 @@ def _codes(context, storage: Storage, compute: Compute, cache_asset: str, held_o
     from ..core.probe.model import load_probe
     from ..core.probe.sweep import tuning_spans
     from ..core.sae.model import load_sae
-    from ..core.study.codes import compute_codes, load_codes, save_codes
+    from ..core.study.codes import load_codes, write_codes
 
     recipe = Recipe(context, storage)
     _, sae_folder = recipe.folder("sae_weights")
@@ -26,10 +26,9 @@ def _codes(context, storage: Storage, compute: Compute, cache_asset: str, held_o
         if held_out and which.startswith("all training images"):
             context.log.warning(f"{cache.path} holds one chunk: tuning uses all training images, which the probe "
                                 "may have been trained on (never validation)")
-        codes = compute_codes(load_sae(sae_folder)[0], probe, cache, compute.device, log=context.log.info,
-                              spans=spans)
         with out.write() as work:
-            save_codes(work, codes)
+            write_codes(work, load_sae(sae_folder)[0], probe, cache, compute.device, log=context.log.info,
+                        spans=spans)
     codes = load_codes(out.folder)
     extra = {"n_images": sum(b - a for a, b in spans), "images": dg.MetadataValue.json([list(s) for s in spans])
              } if held_out else {}

@@ -3,15 +3,22 @@ class reads only its latents' columns), the probe's baseline logits and pixel pr
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.cache import ActivationCache
 from ..probe.metrics import grid_logits, pixel_predictions
-from ..store.checkpoints import CheckpointError, load_tensors, save_tensors
+from ..store.artifacts import write_atomic
+from ..store.checkpoints import CheckpointError, load_tensors
 from .latent_stats import nonzero_codes
 
 STEM = "val_codes"
@@ -63,53 +70,141 @@ class Codes:
         return tokens_U, codes_UL
 
 
+CHUNK_ENTRIES = 1 << 23  # non-zero codes sorted by latent in memory at once (about 100 MB), then set aside on disk
+
+
 @torch.inference_mode()
-def compute_codes(sae, probe, cache: ActivationCache, device: str = "cpu", block_images: int = 16,
-                      log: Callable[[str], None] = print, spans: list[tuple[int, int]] | None = None) -> Codes:
+def write_codes(folder: Path, sae, probe, cache: ActivationCache, device: str = "cpu", block_images: int = 16,
+                log: Callable[[str], None] = print, spans: list[tuple[int, int]] | None = None,
+                chunk_entries: int = CHUNK_ENTRIES) -> dict:
     """One SAE pass and one probe pass over the cache's images, or over those of `spans` numbered in their order
-    (the held-out training images used for tuning); codes are regrouped by latent at the end."""
+    (the held-out training images used for tuning), written to `folder` as the pair val_codes.safetensors + .json;
+    returns the JSON's contents. Memory stays flat in the images: the logits and pixel predictions go to disk a block
+    at a time, the codes a chunk at a time sorted by latent, and the chunks are merged into columns at the end."""
     if sae.spec.d_model != cache.d_model or probe.d_model != cache.d_model:
         raise ValueError(f"d_model: SAE {sae.spec.d_model}, probe {probe.d_model}, cache {cache.path} {cache.d_model}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     sae, probe_dev = sae.to(dev), probe.to(dev)
-    crop = int(cache.attrs["crop_size"])
-    tok_parts, lat_parts, val_parts, logit_parts, pixel_parts = [], [], [], [], []
-    first = 0  # the first image of the span among the images read
-    for a, b in spans or [(0, cache.n_images)]:
-        for start, block in cache.iter_blocks(("activations",), block_images, start=a, stop=b):
-            acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
-            tok_M, lat_M, val_M = nonzero_codes(*sae.encode(acts_BPD.reshape(-1, cache.d_model)))
-            # Token and latent ids as int32 (what the file holds): half the memory of a split's codes.
-            tok_parts.append((tok_M.cpu() + (first + start - a) * cache.n_patches).to(torch.int32))
-            lat_parts.append(lat_M.cpu().to(torch.int32))
-            val_parts.append(val_M.float().cpu())
-            # The same arithmetic as the probe's evaluation, so baseline figures agree with `baseline_metrics`.
-            logits_BPC = torch.einsum("bpd,cd->bpc", acts_BPD, probe_dev.weight_CD) + probe_dev.bias_C
-            logit_parts.append(logits_BPC.reshape(-1, logits_BPC.shape[-1]).cpu())
-            pixel_parts.append(pixel_predictions(grid_logits(logits_BPC, cache.grid), crop).to(torch.uint8).cpu())
-        first += b - a
-    tokens = torch.cat(tok_parts) if tok_parts else torch.zeros(0, dtype=torch.int32)
-    latents = torch.cat(lat_parts) if lat_parts else torch.zeros(0, dtype=torch.int32)
-    values = torch.cat(val_parts) if val_parts else torch.zeros(0)
-    del tok_parts, lat_parts, val_parts
-    # Sort by (latent, token): tokens arrive ascending, so a stable sort by latent suffices.
-    order = torch.argsort(latents, stable=True)
-    indptr = torch.zeros(sae.spec.d_sae + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.bincount(latents, minlength=sae.spec.d_sae), 0)
-    del latents
-    codes = Codes(indptr, tokens[order], values[order], torch.cat(logit_parts),
-                     torch.cat(pixel_parts),
-                     {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
-                      "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}})
-    n_tokens = len(codes.logits_NC)
-    log(f"codes: {len(values)} non-zero codes over {n_tokens} tokens ({len(values) / max(n_tokens, 1):.1f} per token)")
-    return codes
+    crop, d_sae = int(cache.attrs["crop_size"]), sae.spec.d_sae
+    scratch = folder / f".{STEM}.{os.getpid()}.parts"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        parts = _Parts(scratch, d_sae, chunk_entries)
+        first = 0  # the first image of the span among the images read
+        for a, b in spans or [(0, cache.n_images)]:
+            for start, block in cache.iter_blocks(("activations",), block_images, start=a, stop=b):
+                acts_BPD = torch.from_numpy(block["activations"]).to(dev, torch.float32)
+                tok_M, lat_M, val_M = nonzero_codes(*sae.encode(acts_BPD.reshape(-1, cache.d_model)))
+                parts.add_codes((tok_M.cpu() + (first + start - a) * cache.n_patches).to(torch.int32),
+                                lat_M.cpu().to(torch.int32), val_M.float().cpu())
+                # The same arithmetic as the probe's evaluation, so baseline figures agree with `baseline_metrics`.
+                logits_BPC = torch.einsum("bpd,cd->bpc", acts_BPD, probe_dev.weight_CD) + probe_dev.bias_C
+                parts.add("logits_NC", logits_BPC.reshape(-1, logits_BPC.shape[-1]).float().cpu())
+                parts.add("pixel_pred_BHW", pixel_predictions(grid_logits(logits_BPC, cache.grid), crop)
+                          .to(torch.uint8).cpu())
+            first += b - a
+        parts.flush_codes()
+        n_tokens, nonzero = first * cache.n_patches, parts.nonzero
+        shapes = {"logits_NC": [n_tokens, probe.weight_CD.shape[0]], "pixel_pred_BHW": [first, crop, crop]}
+        meta = {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
+                "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}}
+        tmp = folder / f".{STEM}.{os.getpid()}.safetensors.tmp"
+        with open(tmp, "wb") as out:
+            _write_header(out, {"indptr_S1": ("I64", [d_sae + 1]), "logits_NC": ("F32", shapes["logits_NC"]),
+                                "tokens_M": ("I32", [nonzero]), "values_M": ("F32", [nonzero]),
+                                "pixel_pred_BHW": ("U8", shapes["pixel_pred_BHW"])})
+            out.write(parts.indptr().numpy().tobytes())
+            parts.copy("logits_NC", out)
+            parts.merge_columns(out)
+            parts.copy("pixel_pred_BHW", out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, folder / f"{STEM}.safetensors")
+        write_atomic(folder / f"{STEM}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"codes: {nonzero} non-zero codes over {n_tokens} tokens ({nonzero / max(n_tokens, 1):.1f} per token)")
+    return meta
 
 
-def save_codes(folder: Path, codes: Codes, meta: dict | None = None) -> Path:
-    tensors = {"indptr_S1": codes.indptr_S1, "tokens_M": codes.tokens_M, "values_M": codes.values_M,
-               "logits_NC": codes.logits_NC, "pixel_pred_BHW": codes.pixel_pred_BHW}
-    return save_tensors(Path(folder), STEM, tensors, {**codes.meta, **(meta or {})})[0]
+class _Parts:
+    """The pieces of a codes file on disk while it is computed: the logits and pixel predictions appended a block at
+    a time, and the codes in chunks, each sorted by (latent, token) with its count per latent."""
+
+    def __init__(self, scratch: Path, d_sae: int, chunk_entries: int):
+        self.scratch, self.d_sae, self.chunk_entries = scratch, d_sae, chunk_entries
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.counts: list[torch.Tensor] = []  # per chunk, entries per latent
+        self.nonzero = 0
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        with open(self.scratch / name, "ab") as f:
+            f.write(values.contiguous().numpy().tobytes())
+
+    def copy(self, name: str, out) -> None:
+        path = self.scratch / name
+        if path.exists():
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+
+    def add_codes(self, tokens: torch.Tensor, latents: torch.Tensor, values: torch.Tensor) -> None:
+        self.pending.append((tokens, latents, values))
+        if sum(len(t) for t, _, _ in self.pending) >= self.chunk_entries:
+            self.flush_codes()
+
+    def flush_codes(self) -> None:
+        """Sorts the pending codes by (latent, token) and sets them aside: tokens arrive ascending, so a stable sort
+        by latent suffices."""
+        if not self.pending:
+            return
+        tokens, latents, values = (torch.cat(p) for p in zip(*self.pending))
+        self.pending = []
+        order = torch.argsort(latents, stable=True)
+        chunk = len(self.counts)
+        tokens.index_select(0, order).numpy().tofile(self.scratch / f"tokens.{chunk}")
+        values.index_select(0, order).numpy().tofile(self.scratch / f"values.{chunk}")
+        self.counts.append(torch.bincount(latents, minlength=self.d_sae))
+        self.nonzero += len(tokens)
+
+    def indptr(self) -> torch.Tensor:
+        indptr = torch.zeros(self.d_sae + 1, dtype=torch.int64)
+        if self.counts:
+            indptr[1:] = torch.cumsum(torch.stack(self.counts).sum(0), 0)
+        return indptr
+
+    def merge_columns(self, out) -> None:
+        """Writes tokens_M, then values_M: every latent's entries from the chunks in order (so ascending tokens), a
+        range of latents at a time."""
+        per_latent = max(1, self.chunk_entries // max(self.nonzero // max(self.d_sae, 1), 1))
+        starts = [torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(c, 0)]) for c in self.counts]
+        for name, dtype in (("tokens", np.int32), ("values", np.float32)):
+            for lo in range(0, self.d_sae, per_latent):
+                hi = min(lo + per_latent, self.d_sae)
+                pieces, latent_ids = [], []
+                for chunk, start in enumerate(starts):
+                    a, b = int(start[lo]), int(start[hi])
+                    pieces.append(torch.from_numpy(np.fromfile(self.scratch / f"{name}.{chunk}", dtype=dtype,
+                                                               count=b - a, offset=a * 4)))
+                    latent_ids.append(torch.repeat_interleave(torch.arange(lo, hi), self.counts[chunk][lo:hi]))
+                if pieces:
+                    order = torch.argsort(torch.cat(latent_ids), stable=True)
+                    out.write(torch.cat(pieces).index_select(0, order).numpy().tobytes())
+
+
+def _write_header(out, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A safetensors header for tensors laid out one after another in the given order, padded to 8 bytes."""
+    size = {"I64": 8, "F32": 4, "I32": 4, "U8": 1}
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        end = offset + size[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out.write(struct.pack("<Q", len(text)) + text)
 
 
 def load_codes(folder: Path) -> Codes:

@@ -70,7 +70,7 @@ class Codes:
         return tokens_U, codes_UL
 
 
-CHUNK_ENTRIES = 1 << 23  # non-zero codes sorted by latent in memory at once (about 100 MB), then set aside on disk
+CHUNK_ENTRIES = 1 << 23  # non-zero codes held at once (about 100 MB, twice that while sorted), then set aside on disk
 
 
 @torch.inference_mode()

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import torch
@@ -24,10 +26,42 @@ class CheckpointError(ValueError):
 
 def save_tensors(folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Path, Path]:
     """Writes `<stem>.safetensors` and `<stem>.json` atomically (JSON last: its presence marks a complete pair)."""
+    return _write_pair(folder, stem, lambda tmp: save_file({k: v.detach().cpu().contiguous()
+                                                            for k, v in tensors.items()}, str(tmp)), meta)
+
+
+SAFETENSORS_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.float32: "F32", torch.uint8: "U8"}
+
+
+def stream_tensors(folder: Path, stem: str, layout: dict[str, tuple[torch.dtype, list[int]]], write_data,
+                   meta: dict) -> tuple[Path, Path]:
+    """`save_tensors` for tensors too large to hold: `layout` gives each tensor's dtype and shape, in the order
+    `write_data(file, offsets)` writes their bytes after the header (offsets: each tensor's first byte in the file,
+    for writers that fill several tensors at once)."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        end = offset + torch.empty(0, dtype=dtype).element_size() * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    start = 8 + len(text)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            write_data(out, {name: start + h["data_offsets"][0] for name, h in header.items()})
+            out.flush()
+            os.fsync(out.fileno())
+
+    return _write_pair(folder, stem, write, meta)
+
+
+def _write_pair(folder: Path, stem: str, write_weights, meta: dict) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     weights, config = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     tmp = folder / f".{stem}.{os.getpid()}.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    write_weights(tmp)
     os.replace(tmp, weights)
     write_atomic(config, json.dumps(meta, indent=2, sort_keys=True).encode())
     return weights, config

@@ -3,11 +3,8 @@ class reads only its latents' columns), the probe's baseline logits and pixel pr
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +14,7 @@ import torch
 
 from ..data.cache import ActivationCache
 from ..probe.metrics import grid_logits, pixel_predictions
-from ..store.artifacts import write_atomic
-from ..store.checkpoints import CheckpointError, load_tensors
+from ..store.checkpoints import CheckpointError, load_tensors, stream_tensors
 from .latent_stats import nonzero_codes
 
 STEM = "val_codes"
@@ -111,19 +107,18 @@ def write_codes(folder: Path, sae, probe, cache: ActivationCache, device: str = 
         shapes = {"logits_NC": [n_tokens, probe.weight_CD.shape[0]], "pixel_pred_BHW": [first, crop, crop]}
         meta = {"format": "saeseg-val-codes", "format_version": FORMAT_VERSION, "fields": FIELDS,
                 "cache": {"fingerprint": cache.fingerprint, "spans": [list(s) for s in spans or []]}}
-        tmp = folder / f".{STEM}.{os.getpid()}.safetensors.tmp"
-        with open(tmp, "wb") as out:
-            _write_header(out, {"indptr_S1": ("I64", [d_sae + 1]), "logits_NC": ("F32", shapes["logits_NC"]),
-                                "tokens_M": ("I32", [nonzero]), "values_M": ("F32", [nonzero]),
-                                "pixel_pred_BHW": ("U8", shapes["pixel_pred_BHW"])})
+        layout = {"indptr_S1": (torch.int64, [d_sae + 1]), "logits_NC": (torch.float32, shapes["logits_NC"]),
+                  "tokens_M": (torch.int32, [nonzero]), "values_M": (torch.float32, [nonzero]),
+                  "pixel_pred_BHW": (torch.uint8, shapes["pixel_pred_BHW"])}
+
+        def write_data(out, offsets: dict[str, int]) -> None:
             out.write(parts.indptr().numpy().tobytes())
             parts.copy("logits_NC", out)
-            parts.merge_columns(out)
+            parts.merge_columns(out, offsets["tokens_M"], offsets["values_M"])
+            out.seek(offsets["pixel_pred_BHW"])
             parts.copy("pixel_pred_BHW", out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, folder / f"{STEM}.safetensors")
-        write_atomic(folder / f"{STEM}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+
+        stream_tensors(folder, STEM, layout, write_data, meta)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log(f"codes: {nonzero} non-zero codes over {n_tokens} tokens ({nonzero / max(n_tokens, 1):.1f} per token)")
@@ -175,36 +170,24 @@ class _Parts:
             indptr[1:] = torch.cumsum(torch.stack(self.counts).sum(0), 0)
         return indptr
 
-    def merge_columns(self, out) -> None:
-        """Writes tokens_M, then values_M: every latent's entries from the chunks in order (so ascending tokens), a
-        range of latents at a time."""
+    def merge_columns(self, out, tokens_at: int, values_at: int) -> None:
+        """Writes tokens_M at `tokens_at` and values_M at `values_at`: every latent's entries from the chunks in order
+        (so ascending tokens), a range of latents at a time."""
         per_latent = max(1, self.chunk_entries // max(self.nonzero // max(self.d_sae, 1), 1))
         starts = [torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(c, 0)]) for c in self.counts]
-        for name, dtype in (("tokens", np.int32), ("values", np.float32)):
-            for lo in range(0, self.d_sae, per_latent):
-                hi = min(lo + per_latent, self.d_sae)
-                pieces, latent_ids = [], []
-                for chunk, start in enumerate(starts):
-                    a, b = int(start[lo]), int(start[hi])
-                    pieces.append(torch.from_numpy(np.fromfile(self.scratch / f"{name}.{chunk}", dtype=dtype,
-                                                               count=b - a, offset=a * 4)))
-                    latent_ids.append(torch.repeat_interleave(torch.arange(lo, hi), self.counts[chunk][lo:hi]))
-                if pieces:
-                    order = torch.argsort(torch.cat(latent_ids), stable=True)
-                    out.write(torch.cat(pieces).index_select(0, order).numpy().tobytes())
-
-
-def _write_header(out, tensors: dict[str, tuple[str, list[int]]]) -> None:
-    """A safetensors header for tensors laid out one after another in the given order, padded to 8 bytes."""
-    size = {"I64": 8, "F32": 4, "I32": 4, "U8": 1}
-    header, offset = {}, 0
-    for name, (dtype, shape) in tensors.items():
-        end = offset + size[dtype] * math.prod(shape)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
-        offset = end
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    out.write(struct.pack("<Q", len(text)) + text)
+        for lo in range(0, self.d_sae, per_latent):
+            hi = min(lo + per_latent, self.d_sae)
+            spans = [(int(start[lo]), int(start[hi])) for start in starts]
+            latent_ids = [torch.repeat_interleave(torch.arange(lo, hi), c[lo:hi]) for c in self.counts]
+            if not latent_ids:
+                return
+            order = torch.argsort(torch.cat(latent_ids), stable=True)
+            for name, dtype, at in (("tokens", np.int32, tokens_at), ("values", np.float32, values_at)):
+                merged = torch.cat([torch.from_numpy(np.fromfile(self.scratch / f"{name}.{chunk}", dtype=dtype,
+                                                                 count=b - a, offset=a * 4))
+                                    for chunk, (a, b) in enumerate(spans)]).index_select(0, order)
+                out.seek(at + 4 * sum(a for a, _ in spans))  # latent lo's first entry in the column
+                out.write(merged.numpy().tobytes())
 
 
 def load_codes(folder: Path) -> Codes:
